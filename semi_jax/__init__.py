@@ -1,0 +1,1 @@
+"""semi_jax: SeMi (class-imbalanced semi-supervised learning by mining hard examples) in JAX/Flax."""
