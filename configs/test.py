@@ -1,0 +1,33 @@
+"""Tiny configuration for the test suite: WRN-10-1 on 8x8 digits, a few steps, every SeMi part active."""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config()
+  config.data.name = "digits"
+  config.data.image_size = 8
+  config.data.test_per_class = 10
+  config.data.labeled_max = 20
+  config.data.labeled_imb = 4.0
+  config.data.unlabeled_max = 40
+  config.data.unlabeled_imb = 4.0
+  config.data.shuffle_buffer = 256
+  config.data.prefetch = 1
+  config.model.depth = 10
+  config.model.width = 1
+  config.train.batch_size = 8
+  config.train.mu = 2
+  config.train.total_steps = 3
+  config.train.steps_per_epoch = 1
+  config.train.log_every_steps = 1
+  config.train.eval_every_steps = 2
+  config.train.checkpoint_every_steps = 2
+  config.train.eval_batch_size = 32
+  config.train.print_table = False
+  config.ssl.est_epoch = 0  # SeMi parts from the second step on
+  config.ssl.threshold.value = 0.5
+  config.bank.size = 4
+  config.bank.decay_every.value = 2.0
+  config.eval.many_threshold = 10
+  config.eval.few_threshold = 6
+  return default.apply_args(config, arg)

@@ -1,0 +1,78 @@
+"""Data sets as in-memory uint8 arrays, and the registry that names them.
+
+Every source returns an `ArrayDataset`; `semi_jax.input_pipeline` turns it into the long-tailed labeled stream,
+the unlabeled stream (one weak + two strong views) and the test stream. A new source registers a loader
+`fn(data_config) -> ArrayDataset` under its name with `register`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+  """A data set held in host memory. Images are uint8 [N, H, W, 3]."""
+  name: str
+  num_classes: int
+  train_images: np.ndarray  # pool the long-tailed labeled (and unlabeled) sets are drawn from
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  mean: tuple[float, float, float]  # per channel, images scaled to [0, 1]
+  std: tuple[float, float, float]
+  # A separate unlabeled set whose labels are unknown (STL-10's "unlabelled" split); None draws the
+  # unlabeled set from the training pool with the configured long-tailed distribution.
+  extra_unlabeled_images: np.ndarray | None = None
+
+  def __post_init__(self):
+    for field in ("train_images", "test_images", "extra_unlabeled_images"):
+      images = getattr(self, field)
+      if images is None:
+        continue
+      if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"{self.name}: {field} must be square RGB images [N, H, H, 3], got {images.shape}.")
+      if images.dtype != np.uint8:
+        raise ValueError(f"{self.name}: {field} must be uint8, got {images.dtype}.")
+    if len(self.train_images) != len(self.train_labels) or len(self.test_images) != len(self.test_labels):
+      raise ValueError(f"{self.name}: images and labels differ in length.")
+
+  @property
+  def image_size(self) -> int:
+    return int(self.train_images.shape[1])
+
+
+_LOADERS: dict[str, Callable[..., ArrayDataset]] = {}
+
+
+def register(name: str):
+  def wrap(fn):
+    _LOADERS[name] = fn
+    return fn
+  return wrap
+
+
+def names() -> list[str]:
+  _import_sources()
+  return sorted(_LOADERS)
+
+
+def load(data_config) -> ArrayDataset:
+  """Loads the data set `data_config.name` (see `names()`)."""
+  _import_sources()
+  if data_config.name not in _LOADERS:
+    raise ValueError(f"unknown data set {data_config.name!r} (config field data.name); "
+                     f"available: {', '.join(sorted(_LOADERS))}.")
+  return _LOADERS[data_config.name](data_config)
+
+
+def _import_sources():
+  # Imported lazily so that `import semi_jax.datasets` stays cheap; each module registers its loaders.
+  from semi_jax.datasets import digits  # noqa: F401
+  try:
+    from semi_jax.datasets import tfds_sources  # noqa: F401
+  except ModuleNotFoundError as e:
+    if e.name != "semi_jax.datasets.tfds_sources":
+      raise

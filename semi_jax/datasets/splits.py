@@ -1,0 +1,54 @@
+"""Which training-pool images are labeled and which are unlabeled, for every data source.
+
+Two regimes, chosen by the data config:
+- `data.labeled_fraction > 0` (ImageNet-127): every class keeps its natural size; `round(n_c * fraction)` of its
+  images are labeled and the rest of the class is unlabeled.
+- otherwise (CIFAR-LT, SVHN-LT, STL-10-LT, digits): the long tail of `semi_jax.long_tail`, with the labeled
+  counts from `data.labeled_max` / `data.labeled_imb` and the unlabeled counts from `data.unlabeled_max` /
+  `data.unlabeled_imb` / `data.unlabeled_dist`.
+A source with its own unlabeled set (`ArrayDataset.extra_unlabeled_images`, e.g. STL-10) draws no unlabeled
+images from the pool. The result depends only on the labels, the config and the seed, so every process of a
+multi-host job computes the same split.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from semi_jax import long_tail
+from semi_jax.datasets import ArrayDataset
+
+
+def labeled_unlabeled_indices(ds: ArrayDataset, data_config, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Returns sorted int64 indices into `ds.train_images`: (labeled, unlabeled), disjoint.
+
+  The unlabeled indices are empty when `ds.extra_unlabeled_images` is the unlabeled set.
+  """
+  labels = np.asarray(ds.train_labels)
+  num_classes = ds.num_classes
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{ds.name}: training labels must lie in [0, {num_classes}), "
+                     f"got [{labels.min()}, {labels.max()}].")
+  from_pool = ds.extra_unlabeled_images is None
+  fraction = float(data_config.labeled_fraction)
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"data.labeled_fraction must be in [0, 1) (0 = long-tailed counts from data.labeled_max), "
+                     f"got {fraction}.")
+  if fraction > 0:
+    class_sizes = np.bincount(labels, minlength=num_classes)
+    # Round half to even, as numpy does: the CISSL ImageNet-127 split labels round(0.1 * n_c) per class.
+    labeled_counts = [int(np.round(n * fraction)) for n in class_sizes]
+    unlabeled_counts = [int(n) - l for n, l in zip(class_sizes, labeled_counts)] if from_pool else None
+  else:
+    labeled_counts = long_tail.class_counts(int(data_config.labeled_max), float(data_config.labeled_imb),
+                                            num_classes)
+    unlabeled_counts = None
+    if from_pool:
+      unlabeled_counts = long_tail.unlabeled_counts(int(data_config.unlabeled_max),
+                                                    float(data_config.unlabeled_imb), num_classes,
+                                                    str(data_config.unlabeled_dist))
+  labeled, unlabeled = long_tail.split(labels, num_classes, labeled_counts=labeled_counts,
+                                       unlabeled_counts=unlabeled_counts, seed=seed, dataset=ds.name)
+  if from_pool and unlabeled.size == 0:
+    raise ValueError(f"{ds.name}: the split leaves no unlabeled images; lower data.labeled_fraction or raise "
+                     "data.unlabeled_max.")
+  return labeled.astype(np.int64), unlabeled.astype(np.int64)
