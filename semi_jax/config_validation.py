@@ -1,0 +1,98 @@
+"""Checks every configuration value before anything is compiled; messages name field, value and fix."""
+from __future__ import annotations
+
+from semi_jax import schedules
+
+_ALGOS = ("fixmatch", "fixmatch_la", "acr", "semi")
+_DISTS = ("consistent", "uniform", "reversed")
+_MINER_MODES = ("entropy", "rank")
+_CLASS_WEIGHTS = ("frequency", "decayed_frequency", "decayed_inverse", "uniform")
+_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value."""
+
+
+def _check(cond: bool, field: str, value, allowed: str) -> None:
+  if not cond:
+    raise ConfigError(f"config field {field}={value!r} is invalid: {allowed}.")
+
+
+def _schedule_range(cfg, field: str, lo: float, hi: float, total: int, spe: int) -> None:
+  try:
+    fn = schedules.make_schedule(cfg, total, spe)
+  except ValueError as e:
+    raise ConfigError(f"config field {field}: {e}") from None
+  points = sorted({0, total // 4, total // 2, max(total - 1, 0)})
+  values = schedules.sample(cfg, total, spe, points)
+  del fn
+  bad = [(p, float(v)) for p, v in zip(points, values) if not lo <= v <= hi]
+  if bad:
+    raise ConfigError(f"config field {field} ({schedules.describe(cfg)}) leaves [{lo}, {hi}]: "
+                      f"value {bad[0][1]:.4g} at step {bad[0][0]}.")
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first invalid value."""
+  d, m, t, o, s = config.data, config.model, config.train, config.optim, config.ssl
+  _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
+  _check(d.labeled_max >= 1, "data.labeled_max", d.labeled_max, "must be >= 1")
+  _check(d.unlabeled_max >= 1, "data.unlabeled_max", d.unlabeled_max, "must be >= 1")
+  _check(d.labeled_imb >= 1, "data.labeled_imb", d.labeled_imb, "imbalance ratio gamma must be >= 1")
+  _check(d.unlabeled_imb >= 1, "data.unlabeled_imb", d.unlabeled_imb, "imbalance ratio gamma must be >= 1")
+  _check(d.unlabeled_dist in _DISTS, "data.unlabeled_dist", d.unlabeled_dist, f"choose one of {_DISTS}")
+  _check(0.0 <= d.labeled_fraction < 1.0, "data.labeled_fraction", d.labeled_fraction, "must be in [0, 1)")
+  _check(0.0 <= d.pad_fraction < 0.5, "data.pad_fraction", d.pad_fraction, "must be in [0, 0.5)")
+  _check(0 <= d.randaugment_ops <= 14, "data.randaugment_ops", d.randaugment_ops, "must be in [0, 14]")
+  _check(1 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", d.randaugment_magnitude,
+         "must be in [1, 30]")
+  _check(0.0 <= d.cutout_fraction <= 1.0, "data.cutout_fraction", d.cutout_fraction, "must be in [0, 1]")
+  _check(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "WideResNet depth is 6n+4, >= 10")
+  _check(m.width >= 1, "model.width", m.width, "must be >= 1")
+  _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+  _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", m.bn_momentum, "must be in (0, 1)")
+  _check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"choose one of {_DTYPES}")
+  _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+  _check(t.mu >= 1, "train.mu", t.mu, "must be >= 1")
+  _check(t.total_steps >= 1, "train.total_steps", t.total_steps, "must be >= 1")
+  _check(t.steps_per_epoch >= 1, "train.steps_per_epoch", t.steps_per_epoch, "must be >= 1")
+  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+               "eval_batch_size"):
+    _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
+  _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+  _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
+  _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+  _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
+  _check(s.algo in _ALGOS, "ssl.algo", s.algo, f"choose one of {_ALGOS}")
+  _check(s.temperature > 0, "ssl.temperature", s.temperature, "must be > 0")
+  epochs = -(-t.total_steps // t.steps_per_epoch)
+  _check(0 <= s.est_epoch < epochs, "ssl.est_epoch", s.est_epoch,
+         f"must be in [0, {epochs}) (training has {epochs} epochs of {t.steps_per_epoch} steps; the SeMi "
+         "components start after epoch est_epoch)")
+  _check(not (s.reference_row_order and t.mu != 1), "ssl.reference_row_order", s.reference_row_order,
+         "reproduces the reference's row order, which exists only for train.mu == 1")
+  total, spe = t.total_steps, t.steps_per_epoch
+  _schedule_range(o.lr_schedule, "optim.lr_schedule", 0.0, 100.0, total, spe)
+  _schedule_range(s.threshold, "ssl.threshold", 0.0, 1.0, total, spe)
+  _schedule_range(s.monitor_df, "ssl.monitor_df", 0.0, 1.0, total, spe)
+  _check(config.miner.mode in _MINER_MODES, "miner.mode", config.miner.mode, f"choose one of {_MINER_MODES}")
+  _schedule_range(config.miner.scale, "miner.scale", 0.0, 1.0, total, spe)
+  _check(0.0 < config.miner.hard_fraction <= 1.0, "miner.hard_fraction", config.miner.hard_fraction,
+         "must be in (0, 1]")
+  _check(config.bank.size >= 1, "bank.size", config.bank.size, "K entries per class must be >= 1")
+  _schedule_range(config.bank.decay_every, "bank.decay_every", 1.0, float("inf"), total, spe)
+  _schedule_range(config.bank.beta, "bank.beta", 0.0, 1.0, total, spe)
+  p = config.plce
+  _check(not (p.enabled and not config.bank.enabled), "plce.enabled", p.enabled,
+         "prototype mixing reads prototypes from the memory bank: enable bank (bank=on) or disable plce")
+  _check(0.0 <= p.alpha <= 1.0, "plce.alpha", p.alpha, "must be in [0, 1]")
+  _check(p.tau_tar > 0, "plce.tau_tar", p.tau_tar, "must be > 0")
+  _check(p.class_weight in _CLASS_WEIGHTS, "plce.class_weight", p.class_weight, f"choose one of {_CLASS_WEIGHTS}")
+  _schedule_range(p.ramp, "plce.ramp", 0.0, 1.0, total, spe)
+  c = config.cons
+  _check(c.weight >= 0, "cons.weight", c.weight, "must be >= 0")
+  _check(c.proto_t > 0, "cons.proto_t", c.proto_t, "must be > 0")
+  _check(0.0 <= c.center_momentum < 1.0, "cons.center_momentum", c.center_momentum, "must be in [0, 1)")
+  _check(config.eval.few_threshold <= config.eval.many_threshold, "eval.few_threshold",
+         config.eval.few_threshold, f"must be <= eval.many_threshold ({config.eval.many_threshold})")

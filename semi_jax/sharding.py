@@ -1,0 +1,48 @@
+"""The device mesh and how arrays are laid out on it.
+
+A 1-D data-parallel mesh: batches are split over the `data` axis, everything else (parameters, optimiser
+state, memory bank) is replicated. `jax.jit` inserts the collectives (pjit style); no pmap.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(mesh_config=None, devices=None) -> Mesh:
+  """A mesh over `devices` (default: all devices of all processes) with one `data` axis."""
+  devices = list(jax.devices() if devices is None else devices)
+  size = -1 if mesh_config is None else int(mesh_config.data_axis_size)
+  if size == -1:
+    size = len(devices)
+  if size < 1 or size > len(devices):
+    raise ValueError(f"mesh.data_axis_size={size} but {len(devices)} devices are available; use -1 for all.")
+  return Mesh(np.asarray(devices[:size]), (DATA_AXIS,),
+              axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_divisible(global_batch: int, mesh: Mesh, what: str) -> None:
+  devices = mesh.devices.size
+  processes = jax.process_count()
+  if global_batch % devices:
+    raise ValueError(f"{what}={global_batch} does not divide over {devices} devices; choose a multiple of "
+                     f"{devices} (or set mesh.data_axis_size).")
+  if global_batch % processes:
+    raise ValueError(f"{what}={global_batch} does not divide over {processes} processes.")
+
+
+def to_global(local_batch: dict, mesh: Mesh) -> dict:
+  """Turns this process's slice of a batch (numpy arrays) into global arrays sharded over `data`."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
