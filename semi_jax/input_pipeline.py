@@ -81,7 +81,7 @@ def _positions(start_step, total_steps, global_batch, process_index, process_cou
 def _lookup(pos, n, key):
   """Index of the example at stream position `pos`: a fresh permutation of [0, n) per pass over the data."""
   epoch = pos // n
-  seed = tf.stack([tf.constant(key, tf.int64), epoch, tf.constant(17, tf.int64)])
+  seed = tf.stack([tf.constant(key, tf.int64), epoch])
   return tf.random.experimental.index_shuffle(pos % n, seed, n - 1)
 
 

@@ -46,10 +46,11 @@ def interleave_rows(x, groups):
 
 
 def prototype_targets(features, protos, has_proto, tau):
-  """softmax(-||f - P_c|| / tau) over the classes that have a prototype."""
+  """softmax(-||f - P_c|| / tau) over the classes that have a prototype (uniform while the bank is empty)."""
   d2 = jnp.sum((features[:, None, :] - protos[None, :, :]) ** 2, axis=-1)
   dist = jnp.sqrt(jnp.maximum(d2, 0.0))
-  logits = jnp.where(has_proto[None, :], -dist / tau, -jnp.inf)
+  any_proto = jnp.any(has_proto)
+  logits = jnp.where(has_proto[None, :] | ~any_proto, -dist / tau, -jnp.inf)
   return jax.nn.softmax(logits, axis=-1)
 
 

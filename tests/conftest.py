@@ -15,3 +15,10 @@ import jax  # noqa: E402
 
 # Compile fast: the tests check numbers, not speed.
 jax.config.update("jax_threefry_partitionable", True)
+# Tests check numbers, not speed: skip most XLA optimisation passes, and reuse compiled programs across the
+# many identical jits of the suite (each Trainer compiles afresh otherwise).
+jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.environ.get("TMPDIR", "/tmp"), "semi_jax_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -42,6 +42,7 @@ def test_steps_equal_on_1_and_8_devices(trainer):
   s1, o1 = _run_steps(trainer, sharding.make_mesh(devices=jax.devices()[:1]), batches, init)
   s8, o8 = _run_steps(trainer, sharding.make_mesh(), batches, init)
   for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
+    assert np.all(np.isfinite(np.asarray(a, np.float64)))
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-4, atol=2e-5)
   for a, b in zip(o1, o8):
     for k in a:
