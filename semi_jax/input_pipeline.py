@@ -67,6 +67,13 @@ def make_ssl_data(dataset: ArrayDataset, data_config, seed: int) -> SSLData:
   return SSLData(dataset, labeled_idx, u_images, u_labels)
 
 
+def _host_table(array: np.ndarray) -> tf.Variable:
+  """An in-memory table the pipeline gathers from. A variable, not a constant: graph constants are capped at
+  2 GB (ImageNet-127's unlabeled set at 32x32 is ~3.5 GB)."""
+  with tf.device("/CPU:0"):
+    return tf.Variable(array, trainable=False)
+
+
 def _stream_key(seed: int, stream: int) -> int:
   return (int(seed) * 1_000_003 + stream * 7919) % (2**31 - 1)
 
@@ -100,10 +107,10 @@ def train_dataset(data: SSLData, config, *, start_step: int = 0, process_index: 
   aug = dict(pad_fraction=d.pad_fraction)
   strong = dict(num_ops=d.randaugment_ops, magnitude=d.randaugment_magnitude,
                 cutout_fraction=d.cutout_fraction, pad_fraction=d.pad_fraction)
-  x_images = tf.constant(data.dataset.train_images[data.labeled_idx])
-  x_labels = tf.constant(data.dataset.train_labels[data.labeled_idx].astype(np.int32))
-  u_images = tf.constant(data.unlabeled_images)
-  u_labels = tf.constant(data.unlabeled_labels.astype(np.int32))
+  x_images = _host_table(data.dataset.train_images[data.labeled_idx])
+  x_labels = _host_table(data.dataset.train_labels[data.labeled_idx].astype(np.int32))
+  u_images = _host_table(data.unlabeled_images)
+  u_labels = _host_table(data.unlabeled_labels.astype(np.int32))
   n_x, n_u = len(data.labeled_idx), len(data.unlabeled_images)
   kx, ku = _stream_key(config.seed, LABELED_STREAM), _stream_key(config.seed, UNLABELED_STREAM)
 

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import test as test_config
+from semi_jax import datasets, input_pipeline
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = test_config.get_config()
+  config.train.total_steps = 40
+  data = input_pipeline.make_ssl_data(datasets.load(config.data), config.data, config.seed)
+  return config, data
+
+
+def _take(config, data, n, **kw):
+  ds = input_pipeline.train_dataset(data, config, **kw)
+  return [b for _, b in zip(range(n), input_pipeline.as_numpy(ds))]
+
+
+@pytest.fixture(scope="module")
+def full(setup):
+  """The first 6 global batches of the single-process stream (building a stream traces the augmentations)."""
+  return _take(*setup, 6)
+
+
+def test_batch_keys_shapes_dtypes(setup, full):
+  config, data = setup
+  b = full[0]
+  s, bs, u = config.data.image_size, config.train.batch_size, config.train.batch_size * config.train.mu
+  assert set(b) == {"x", "y", "u_weak", "u_strong1", "u_strong2", "u_label", "u_index"}
+  assert b["x"].shape == (bs, s, s, 3) and b["x"].dtype == np.uint8
+  for k in ("u_weak", "u_strong1", "u_strong2"):
+    assert b[k].shape == (u, s, s, 3) and b[k].dtype == np.uint8
+  assert b["y"].shape == (bs,) and b["u_label"].shape == b["u_index"].shape == (u,)
+  np.testing.assert_array_equal(b["u_label"], data.unlabeled_labels[b["u_index"]])
+  assert not np.array_equal(b["u_strong1"], b["u_strong2"])
+
+
+def test_stream_is_a_function_of_seed_and_step(setup, full):
+  config, data = setup
+  resumed = _take(config, data, 2, start_step=4)
+  for a, b in zip(full[4:], resumed):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  other = config.copy_and_resolve_references()
+  other.seed = config.seed + 1
+  assert not np.array_equal(_take(other, data, 1)[0]["u_index"], full[0]["u_index"])
+
+
+def test_process_slices_are_disjoint_and_cover_the_global_batch(setup, full):
+  config, data = setup
+  single = full[:3]
+  parts = [_take(config, data, 3, process_index=p, process_count=2) for p in range(2)]
+  for step in range(3):
+    for k in single[step]:
+      np.testing.assert_array_equal(np.concatenate([parts[0][step][k], parts[1][step][k]]), single[step][k],
+                                    err_msg=k)
+    assert not set(parts[0][step]["u_index"]) & set(parts[1][step]["u_index"])
+
+
+def test_each_pass_visits_every_unlabeled_example_once(setup, full):
+  config, data = setup
+  n_u = len(data.unlabeled_images)
+  seen = np.concatenate([b["u_index"] for b in full])
+  assert len(seen) < n_u and len(set(seen)) == len(seen)  # within one pass: no repeats
+  # A whole pass (positions 0..n-1) is a permutation, and the next pass a different one.
+  for epoch in range(2):
+    idx = np.array([int(input_pipeline._lookup(tf.constant(p, tf.int64), n_u, 12345))
+                    for p in range(epoch * n_u, (epoch + 1) * n_u)])
+    np.testing.assert_array_equal(np.sort(idx), np.arange(n_u))
+    assert not np.array_equal(idx, np.arange(n_u))
+  # labeled images come from the labeled subset only, with their own labels
+  lab = full[0]
+  labels_of_subset = data.dataset.train_labels[data.labeled_idx]
+  assert set(lab["y"]) <= set(labels_of_subset)
+
+
+def test_batch_that_does_not_divide_over_processes_is_a_clear_error(setup):
+  config, data = setup
+  with pytest.raises(ValueError, match="does not divide over 3 processes"):
+    input_pipeline.train_dataset(data, config, process_count=3)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_eval_padding_mask_and_process_slices(processes):
+  images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+  labels = np.arange(10)
+  batches = [list(input_pipeline.eval_batches(images, labels, 8, process_index=p, process_count=processes))
+             for p in range(processes)]
+  assert all(len(b) == 2 for b in batches)  # 10 examples -> two global batches of 8
+  mask = np.concatenate([np.concatenate([b[i]["mask"] for b in batches]) for i in range(2)])
+  got = np.concatenate([np.concatenate([b[i]["label"] for b in batches]) for i in range(2)])
+  assert mask.sum() == 10
+  np.testing.assert_array_equal(got[mask], labels)
+
+
+def test_labeled_and_unlabeled_sets_are_disjoint_and_long_tailed(setup):
+  config, data = setup
+  counts = data.labeled_counts
+  assert counts[0] == config.data.labeled_max and counts[-1] == int(config.data.labeled_max
+                                                                     / config.data.labeled_imb)
+  assert np.all(np.diff(counts) <= 0)
+  lab = {bytes(x) for x in data.dataset.train_images[data.labeled_idx]}
+  unl = {bytes(x) for x in data.unlabeled_images}
+  assert len(lab & unl) <= 2  # digits has a few identical images; indices are disjoint (splits test)
