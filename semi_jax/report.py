@@ -1,0 +1,400 @@
+"""Result tables and plots of a sweep directory (see semi_jax.sweep).
+
+  python -m semi_jax.report --workdir=DIR [--last_n=5]
+
+Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes
+  DIR/report.csv, DIR/report.md  one row per variant: final, best and mean-of-the-last-N-evaluations balanced
+                                 accuracy and the final many/medium/few and top-1 accuracy of the reported
+                                 head, each as mean and sample standard deviation (ddof=1) over seeds;
+  DIR/balanced_acc.png           test balanced accuracy vs step, mean over seeds (band: +- std);
+  DIR/bank.png                   memory-bank mean confidence and fill vs step (averaged over classes);
+  DIR/per_class.png              final per-class accuracy per variant (error bars: std over seeds);
+  DIR/schedules.png              the swept schedules of every variant vs step (when any schedule is swept).
+Accuracies are in %. A run that has not finished is included with its latest evaluation (see 'steps').
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+
+from absl import logging
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+
+from semi_jax import schedules, sweep
+
+EVAL_LOG = "eval.jsonl"  # written by semi_jax.train, one record per evaluation
+CSV_FILE, MD_FILE = "report.csv", "report.md"
+PLOTS = {"balanced_acc": "balanced_acc.png", "bank": "bank.png", "per_class": "per_class.png",
+         "schedules": "schedules.png"}
+# Per-variant statistics (CSV columns <name>_mean, <name>_std); per-seed values from seed_metrics.
+METRICS = ("final_balanced_acc", "best_balanced_acc", "last_n_balanced_acc", "acc_many", "acc_medium",
+           "acc_few", "acc")
+_SEED_DIR = re.compile(r"seed_(\d+)")
+
+
+@dataclasses.dataclass
+class SeedRun:
+  """One training run of a sweep as found on disk."""
+  variant: str
+  seed: int
+  workdir: str
+  index: int  # the variant's position in its sweep file (large when unknown)
+  overrides: dict
+  config: dict | None  # the full configuration, when sweep_variant.json has it
+  evals: list[dict]  # evaluation records sorted by step, one per step
+  summary: dict | None
+
+
+def read_evals(path: str) -> list[dict]:
+  """The records of an eval.jsonl, sorted by step; when a resumed run logged a step twice the last one wins."""
+  by_step = {}
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError:  # a line cut short by a killed run
+        logging.warning("%s:%d is not valid JSON; skipped.", path, n)
+        continue
+      by_step[int(record["step"])] = record
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); rewrite or delete it.") from None
+
+
+def load_runs(workdir: str) -> list[SeedRun]:
+  """Every DIR/<variant>/seed_<s> run, in sweep order (then by name and seed)."""
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir!r} is not a directory; give the sweep directory of semi_jax.sweep.")
+  runs = []
+  for variant_dir in sorted(os.listdir(workdir)):
+    vpath = os.path.join(workdir, variant_dir)
+    if not os.path.isdir(vpath):
+      continue
+    for seed_dir in sorted(os.listdir(vpath)):
+      match = _SEED_DIR.fullmatch(seed_dir)
+      rpath = os.path.join(vpath, seed_dir)
+      if not match or not os.path.isdir(rpath):
+        continue
+      meta = _read_json(os.path.join(rpath, sweep.VARIANT_FILE)) or {}
+      runs.append(SeedRun(variant=meta.get("name", variant_dir), seed=int(meta.get("seed", match.group(1))),
+                          workdir=rpath, index=int(meta.get("index", sys.maxsize)),
+                          overrides=meta.get("overrides", {}), config=meta.get("config"),
+                          evals=read_evals(os.path.join(rpath, EVAL_LOG)),
+                          summary=_read_json(os.path.join(rpath, sweep.SUMMARY))))
+  runs.sort(key=lambda r: (r.index, r.variant, r.seed))
+  return runs
+
+
+def _head(record: dict) -> dict:
+  """The reported head's metrics of an evaluation record."""
+  return record[record["reported"]]
+
+
+def seed_metrics(evals: Sequence[dict], last_n: int) -> dict:
+  """The statistics of one run: final / best / mean of the last `last_n` balanced accuracies, final groups."""
+  balanced = np.array([_head(r)["balanced_acc"] for r in evals], np.float64)
+  final = _head(evals[-1])
+  return {"final_balanced_acc": balanced[-1], "best_balanced_acc": np.nanmax(balanced),
+          "last_n_balanced_acc": np.mean(balanced[-last_n:]), "acc_many": final["acc_many"],
+          "acc_medium": final["acc_medium"], "acc_few": final["acc_few"], "acc": final["acc"],
+          "step": int(evals[-1]["step"])}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1; nan for a single value)."""
+  x = np.asarray(values, np.float64)
+  return float(np.mean(x)), (float(np.std(x, ddof=1)) if x.size > 1 else float("nan"))
+
+
+def group_by_variant(runs: Sequence[SeedRun]) -> dict[str, list[SeedRun]]:
+  """Variant name -> its runs that have at least one evaluation, in sweep order."""
+  groups = {}
+  for run in runs:
+    if run.evals:
+      groups.setdefault(run.variant, []).append(run)
+  return groups
+
+
+def summarize(runs: Sequence[SeedRun], last_n: int = 5) -> list[dict]:
+  """One row per variant: seeds, finished runs, steps (the least advanced seed), mean/std of each metric."""
+  if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
+    raise ValueError(f"last_n={last_n!r} is invalid; give the number of final evaluations to average (>= 1).")
+  rows = []
+  for variant, group in group_by_variant(runs).items():
+    per_seed = [seed_metrics(r.evals, last_n) for r in group]
+    row = {"variant": variant, "seeds": len(group),
+           "finished": sum(r.summary is not None and r.summary.get("step") == r.evals[-1]["step"] for r in group),
+           "steps": min(m["step"] for m in per_seed)}
+    for name in METRICS:
+      row[f"{name}_mean"], row[f"{name}_std"] = mean_std([m[name] for m in per_seed])
+    row["overrides"] = describe_overrides(group[0])
+    rows.append(row)
+  if rows:
+    ref = rows[0]["final_balanced_acc_mean"]
+    for row in rows:  # difference to the first variant of the sweep (its reference)
+      row["final_delta"] = row["final_balanced_acc_mean"] - ref
+  return rows
+
+
+def schedule_path(config: dict | None, key: str) -> str | None:
+  """The schedule a dotted override key belongs to ('bank.beta.value' -> 'bank.beta'), else None."""
+  node, parts = config, key.split(".")
+  for depth in range(len(parts) + 1):
+    if isinstance(node, dict) and set(node) == set(schedules.FIELD_TYPES):
+      return ".".join(parts[:depth])
+    if depth == len(parts) or not isinstance(node, dict) or parts[depth] not in node:
+      return None
+    node = node[parts[depth]]
+  return None
+
+
+def _lookup(config: dict, path: str):
+  for part in path.split("."):
+    config = config[part]
+  return config
+
+
+def swept_schedules(run: SeedRun) -> list[str]:
+  """The schedules a run's overrides change, in order of appearance."""
+  paths = [schedule_path(run.config, key) for key in sweep.flatten_overrides(run.overrides)]
+  return list(dict.fromkeys(p for p in paths if p))
+
+
+def describe_overrides(run: SeedRun) -> str:
+  """The overrides in words; a changed schedule is shown as its formula."""
+  flat = sweep.flatten_overrides(run.overrides)
+  if not flat:
+    return "(base)"
+  parts, done = [], set()
+  for key, value in flat.items():
+    path = schedule_path(run.config, key)
+    if path is None:
+      parts.append(f"{key}={value}")
+    elif path not in done:
+      done.add(path)
+      parts.append(f"{path}: {schedules.describe(_lookup(run.config, path))}")
+  return "; ".join(parts)
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def write_csv(rows: Sequence[dict], path: str) -> None:
+  columns = ["variant", "seeds", "finished", "steps"]
+  columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["final_delta", "overrides"]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _pm(mean: float, std: float) -> str:
+  if math.isnan(mean):
+    return "n/a"
+  return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown(rows: Sequence[dict], last_n: int, plots: Sequence[str], pending: Sequence[str] = ()) -> str:
+  header = ["variant", "seeds", "steps", "final bal. acc", "best bal. acc", f"last-{last_n} bal. acc", "many",
+            "medium", "few", "Δ final", "overrides"]
+  lines = ["# Ablation report", "",
+           f"Balanced top-1 accuracy (%) of the reported head on the test set, mean ± std over seeds (ddof=1). "
+           f"'last-{last_n}' averages each seed's last {last_n} evaluations; many/medium/few are final; "
+           f"Δ final is relative to {rows[0]['variant'] if rows else 'the first variant'}. 'steps' is the step "
+           "of the least advanced seed; seeds marked * have not finished.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in rows:
+    seeds = f"{r['seeds']}" + ("" if r["finished"] == r["seeds"] else f" ({r['seeds'] - r['finished']}*)")
+    cells = [r["variant"], seeds, str(r["steps"])]
+    cells += [_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS[:-1]]
+    cells += [f"{r['final_delta']:+.2f}", r["overrides"].replace("|", "/")]
+    lines.append("| " + " | ".join(cells) + " |")
+  if pending:
+    lines += ["", "No evaluation yet: " + ", ".join(pending) + "."]
+  lines += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+# --- plots ------------------------------------------------------------------------------------------------
+
+
+def _colors(n: int):
+  cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _save(fig: Figure, path: str) -> None:
+  FigureCanvasAgg(fig)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def mean_curve(group: Sequence[SeedRun], value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Steps, mean and std over seeds of value(record); a step is averaged over the seeds that reached it."""
+  steps = sorted({int(r["step"]) for run in group for r in run.evals})
+  table = np.full((len(group), len(steps)), np.nan)
+  col = {s: i for i, s in enumerate(steps)}
+  for i, run in enumerate(group):
+    for r in run.evals:
+      table[i, col[int(r["step"])]] = value(r)
+  count = np.sum(~np.isnan(table), axis=0)
+  mean = np.nanmean(table, axis=0)
+  centred = np.where(np.isnan(table), 0.0, table - mean)
+  std = np.where(count > 1, np.sqrt(np.sum(centred ** 2, axis=0) / np.maximum(count - 1, 1)), 0.0)
+  return np.asarray(steps), mean, std
+
+
+def plot_metric_curves(groups: dict[str, list[SeedRun]], path: str, panels) -> None:
+  """One panel per (title, y label, value(record)); one line per variant with a +-std band."""
+  fig = Figure(figsize=(6.5 * len(panels), 4.5))
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
+  colors = _colors(len(groups))
+  for ax, (title, ylabel, value) in zip(axes, panels):
+    for color, (variant, group) in zip(colors, groups.items()):
+      steps, mean, std = mean_curve(group, value)
+      ax.plot(steps, mean, marker="o", markersize=3, color=color, label=f"{variant} (n={len(group)})")
+      ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+  axes[-1].legend(fontsize=7, loc="best")
+  _save(fig, path)
+
+
+def plot_per_class(groups: dict[str, list[SeedRun]], path: str) -> None:
+  """Grouped bars: final per-class accuracy of the reported head, one bar per variant."""
+  num_classes = max(len(_head(run.evals[-1])["per_class"]) for g in groups.values() for run in g)
+  width = 0.8 / len(groups)
+  fig = Figure(figsize=(min(max(8.0, 0.35 * num_classes * len(groups)), 40.0), 4.5))
+  ax = fig.subplots()
+  x = np.arange(num_classes)
+  for i, (color, (variant, group)) in enumerate(zip(_colors(len(groups)), groups.items())):
+    accs = np.array([_head(run.evals[-1])["per_class"] for run in group], np.float64)
+    std = np.std(accs, axis=0, ddof=1) if len(group) > 1 else None
+    ax.bar(x - 0.4 + (i + 0.5) * width, np.mean(accs, axis=0), width, yerr=std, color=color, label=variant,
+           error_kw={"elinewidth": 0.6})
+  ax.set(title="Final per-class test accuracy (reported head, mean over seeds)", xlabel="class",
+         ylabel="accuracy (%)", ylim=(0, 105))
+  ax.set_xticks(x if num_classes <= 40 else x[::max(num_classes // 20, 1)])
+  ax.legend(fontsize=7, ncol=min(len(groups), 4))
+  _save(fig, path)
+
+
+def plot_schedules(groups: dict[str, list[SeedRun]], path: str, num_points: int = 200) -> bool:
+  """The curve of every swept schedule for each variant that changes it (black dashes: the others' base curve).
+
+  Returns False (and writes nothing) when no variant changes a schedule.
+  """
+  runs = [g[0] for g in groups.values() if g[0].config is not None]
+  paths = list(dict.fromkeys(p for run in runs for p in swept_schedules(run)))
+  if not paths:
+    return False
+  cols = min(len(paths), 3)
+  rows = -(-len(paths) // cols)
+  fig = Figure(figsize=(5.0 * cols, 3.8 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  color_of = dict(zip(groups, _colors(len(groups))))
+  for ax, sched in zip(axes, paths):
+    base_drawn = False
+    for run in runs:
+      swept = sched in swept_schedules(run)
+      if not swept and base_drawn:
+        continue
+      total, spe = run.config["train"]["total_steps"], run.config["train"]["steps_per_epoch"]
+      steps = np.unique(np.linspace(0, total - 1, num_points).round().astype(np.int64))  # the trained steps
+      values = schedules.sample(_lookup(run.config, sched), total, spe, steps)
+      if swept:
+        ax.plot(steps, values, color=color_of[run.variant], label=run.variant)
+      else:
+        ax.plot(steps, values, color="black", linestyle="--", linewidth=1.0, label="others (base)")
+        base_drawn = True
+    ax.set(title=sched, xlabel="step", ylabel="value")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in axes[len(paths):]:
+    ax.set_visible(False)
+  _save(fig, path)
+  return True
+
+
+def _bank_mean(key: str):
+  return lambda record: float(np.mean(record[key]))
+
+
+def make_report(workdir: str, last_n: int = 5) -> dict[str, str]:
+  """Writes the tables and plots of a sweep directory; returns {name: path} of the files written."""
+  runs = load_runs(workdir)
+  rows = summarize(runs, last_n)
+  if not rows:
+    raise ValueError(f"no run under {workdir} has an evaluation yet (expected {workdir}/<variant>/seed_<s>/"
+                     f"{EVAL_LOG}); run python -m semi_jax.sweep --workdir={workdir} first.")
+  groups = group_by_variant(runs)
+  pending = sorted({r.variant for r in runs} - set(groups))
+  written = {}
+  plot_metric_curves(groups, os.path.join(workdir, PLOTS["balanced_acc"]),
+                     [("Test balanced accuracy (reported head)", "balanced accuracy (%)",
+                       lambda r: _head(r)["balanced_acc"])])
+  plot_metric_curves(groups, os.path.join(workdir, PLOTS["bank"]),
+                     [("Memory bank: mean confidence", "confidence", _bank_mean("bank_confidence")),
+                      ("Memory bank: fill", "filled fraction", _bank_mean("bank_fill"))])
+  plot_per_class(groups, os.path.join(workdir, PLOTS["per_class"]))
+  names = ["balanced_acc", "bank", "per_class"]
+  if plot_schedules(groups, os.path.join(workdir, PLOTS["schedules"])):
+    names.append("schedules")
+  written.update({n: os.path.join(workdir, PLOTS[n]) for n in names})
+  written["csv"] = os.path.join(workdir, CSV_FILE)
+  write_csv(rows, written["csv"])
+  written["md"] = os.path.join(workdir, MD_FILE)
+  with open(written["md"], "w") as f:
+    f.write(markdown(rows, last_n, [PLOTS[n] for n in names], pending))
+  return written
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Sweep directory written by semi_jax.sweep.")
+  flags.DEFINE_integer("last_n", 5, "Average the balanced accuracy of each run's last N evaluations.")
+  flags.mark_flags_as_required(["workdir"])
+  return flags.FLAGS
+
+
+def main(argv, flag_values) -> None:
+  if len(argv) > 1:
+    sys.exit(f"semi_jax.report: unexpected arguments {argv[1:]}")
+  try:
+    written = make_report(flag_values.workdir, flag_values.last_n)
+  except ValueError as e:
+    sys.exit(f"semi_jax.report: {e}")
+  with open(written["md"]) as f:
+    print(f.read())
+  print("Wrote " + ", ".join(written.values()))
+
+
+if __name__ == "__main__":
+  from absl import app
+  FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, FLAGS))

@@ -1,0 +1,332 @@
+"""Runs an ablation sweep: every variant of a sweep file, for every seed, one run after another.
+
+  python -m semi_jax.sweep --config=configs/ablations/decay.py[:base=test] --workdir=DIR
+      [--seeds=0,1,2] [--only=reference,no_decay] [--print_commands]
+
+A sweep file declares `get_config(arg)` (the base configuration), `get_sweep(arg)` (a list of
+`(variant name, {dotted.key: value})`) and optionally `SEEDS` (see configs/ablations/__init__.py). Each run
+trains in DIR/<variant>/seed_<s> and gets a `sweep_variant.json` (name, overrides, seed, full config) that
+`semi_jax.report` reads. A finished run (summary.json at the configured total_steps) is skipped; any other
+run is handed to train_and_evaluate, which resumes from its last checkpoint. Every variant's configuration
+is built and validated before the first run starts, so a typo in the last variant fails at once.
+--print_commands prints one `python -m semi_jax.main ...` command per run instead (for a cluster) and
+writes the runs' sweep_variant.json files, so the report can label the results.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import json
+import numbers
+import os
+import re
+import shlex
+import sys
+
+import ml_collections
+import numpy as np
+
+from semi_jax import config_validation
+
+VARIANT_FILE = "sweep_variant.json"
+SUMMARY = "summary.json"  # written by semi_jax.train at the end of training
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+  """One (variant, seed) of a sweep: its configuration and its working directory."""
+  variant: str
+  index: int  # position of the variant in the sweep file (the report keeps this order)
+  seed: int
+  overrides: dict  # as declared, made JSON-compatible
+  config: ml_collections.ConfigDict
+  workdir: str
+  config_spec: str  # the sweep file and its argument, as given to --config
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """'configs/ablations/decay.py:base=test' -> ('configs/ablations/decay.py', 'base=test')."""
+  path, sep, arg = spec.partition(".py:")
+  return (path + ".py", arg or None) if sep else (spec, None)
+
+
+def load_sweep_file(path: str):
+  """Imports a sweep file by path (like ml_collections' config files) and checks what it declares."""
+  if not os.path.isfile(path):
+    raise ValueError(f"sweep file {path!r} does not exist; e.g. --config=configs/ablations/decay.py.")
+  name = "semi_jax_sweep_" + re.sub(r"\W", "_", os.path.abspath(path))
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for fn in ("get_config", "get_sweep"):
+    if not callable(getattr(module, fn, None)):
+      raise ValueError(f"sweep file {path} defines no {fn}(); a sweep file declares get_config(arg=None), "
+                       "get_sweep(arg=None) and optionally SEEDS (see configs/ablations/__init__.py).")
+  return module
+
+
+def _call_with_arg(fn, arg):
+  return fn(arg) if inspect.signature(fn).parameters else fn()
+
+
+def jsonable(value):
+  """Overrides as plain JSON data: ConfigDicts become dicts, numpy scalars Python numbers."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def flatten_overrides(overrides: Mapping, variant: str = "") -> dict:
+  """{dotted.key: scalar}: dict values are expanded into one key per field ({"a.b": {"c": 1}} -> {"a.b.c": 1})."""
+  where = f"sweep variant {variant!r}: " if variant else ""
+  flat = {}
+
+  def visit(key, value):
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      if not value:
+        raise ValueError(f"{where}override {key!r} is an empty dict; give the fields to set.")
+      for sub, v in value.items():
+        visit(f"{key}.{sub}", v)
+      return
+    if not isinstance(value, (bool, numbers.Real, str)):
+      raise ValueError(f"{where}override {key}={value!r} has type {type(value).__name__}; a value must be a "
+                       "bool, number or string, or a dict of them for a group such as a schedule.")
+    if key in flat:
+      raise ValueError(f"{where}config key {key!r} is set twice (directly and inside a dict); set it once.")
+    flat[key] = value
+
+  for key, value in jsonable(overrides).items():
+    if not key or any(not part for part in key.split(".")):
+      raise ValueError(f"{where}override key {key!r} is not a dotted config path like 'bank.beta.value'.")
+    visit(key, value)
+  return flat
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping, variant: str = ""):
+  """A copy of `config` with the overrides set; unknown keys and wrong types raise ValueError."""
+  where = f"sweep variant {variant!r}: " if variant else ""
+  config = copy.deepcopy(config)
+  for key, value in flatten_overrides(overrides, variant).items():
+    if key == "seed":
+      raise ValueError(f"{where}override 'seed' is not allowed: seeds are the sweep's own axis "
+                       "(SEEDS in the sweep file, or --seeds).")
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+      prefix = ".".join(parts[:depth])
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"{where}unknown config key {key!r}: {prefix!r} is a value, not a group of fields.")
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=3)
+        hint = f"; did you mean {', '.join(repr('.'.join([*parts[:depth], c])) for c in close)}?" if close else (
+            f"; fields of {prefix or 'the config'}: {', '.join(sorted(node.keys()))}.")
+        raise ValueError(f"{where}unknown config key {key!r}{hint}")
+      if depth < len(parts) - 1:
+        node = node[part]
+    if isinstance(node[parts[-1]], ml_collections.ConfigDict):
+      raise ValueError(f"{where}config key {key!r} is a group of fields (e.g. a schedule), not a value; set its "
+                       f"fields with a dict, {{{key!r}: {{'value': {value!r}}}}}, or the key {key + '.value'!r}.")
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"{where}config key {key!r} cannot take {value!r}: {e}") from None
+  return config
+
+
+def plan(config_spec: str, workdir: str, seeds: Sequence[int] | None = None,
+         only: Sequence[str] | None = None) -> list[SweepRun]:
+  """Builds and validates the configuration of every (variant, seed) before anything runs."""
+  path, arg = split_spec(config_spec)
+  module = load_sweep_file(path)
+  base = _call_with_arg(module.get_config, arg)
+  variants = _call_with_arg(module.get_sweep, arg)
+  _check_variants(variants, path)
+  names = [name for name, _ in variants]
+  if only:
+    unknown = [n for n in only if n not in names]
+    if unknown:
+      raise ValueError(f"--only names unknown variants {unknown}; {path} declares {names}.")
+  seeds = _check_seeds(getattr(module, "SEEDS", (0,)) if seeds is None else seeds)
+  runs = []
+  for index, (name, overrides) in enumerate(variants):
+    if only and name not in only:
+      continue
+    config = apply_overrides(base, overrides, name)  # fails on the first unknown key, naming it and the variant
+    for seed in seeds:
+      run_config = copy.deepcopy(config)
+      run_config.seed = seed
+      try:
+        config_validation.validate(run_config)
+      except ValueError as e:
+        raise ValueError(f"sweep variant {name!r} (seed {seed}): {e}") from None
+      run_config.lock()
+      runs.append(SweepRun(variant=name, index=index, seed=seed, overrides=jsonable(overrides),
+                           config=run_config, workdir=os.path.join(workdir, name, f"seed_{seed}"),
+                           config_spec=config_spec))
+  return runs
+
+
+def _check_variants(variants, path: str) -> None:
+  if not isinstance(variants, Sequence) or not variants:
+    raise ValueError(f"{path}: get_sweep() must return a non-empty list of (name, overrides dict) pairs.")
+  seen = set()
+  for item in variants:
+    if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[1], Mapping)):
+      raise ValueError(f"{path}: get_sweep() item {item!r} is not a (name, overrides dict) pair.")
+    name = item[0]
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+      raise ValueError(f"{path}: variant name {name!r} must be a directory name of letters, digits and _.+- "
+                       "(starting with a letter or digit).")
+    if name in seen:
+      raise ValueError(f"{path}: variant name {name!r} appears twice; names must be unique.")
+    seen.add(name)
+
+
+def _check_seeds(seeds) -> list[int]:
+  seeds = list(seeds)
+  if not seeds or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in seeds):
+    raise ValueError(f"seeds {seeds!r} are invalid; give non-negative integers, e.g. --seeds=0,1,2.")
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds {seeds!r} repeat a seed; give each once.")
+  return [int(s) for s in seeds]
+
+
+def variant_record(run: SweepRun) -> dict:
+  """The content of a run's sweep_variant.json."""
+  path, arg = split_spec(run.config_spec)
+  return {"name": run.variant, "index": run.index, "seed": run.seed, "overrides": run.overrides,
+          "config_file": path, "config_arg": arg, "config": run.config.to_dict()}
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def check_workdirs(runs: Sequence[SweepRun]) -> None:
+  """Refuses to reuse a directory that holds another variant's run (other overrides or seed)."""
+  for run in runs:
+    old = _read_json(os.path.join(run.workdir, VARIANT_FILE))
+    if old is None:
+      continue
+    if (old.get("name"), old.get("seed"), old.get("overrides")) != (run.variant, run.seed, run.overrides):
+      raise ValueError(
+          f"{run.workdir} holds a run of variant {old.get('name')!r} seed {old.get('seed')} with overrides "
+          f"{old.get('overrides')}, but the sweep now declares {run.variant!r} seed {run.seed} with "
+          f"{run.overrides}: use another --workdir or delete that directory.")
+
+
+def write_variant_file(run: SweepRun) -> None:
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, VARIANT_FILE), "w") as f:
+    json.dump(variant_record(run), f, indent=1)
+
+
+def is_finished(run: SweepRun) -> bool:
+  """True when the run's summary.json reports the configured number of steps."""
+  summary = _read_json(os.path.join(run.workdir, SUMMARY))
+  return isinstance(summary, dict) and summary.get("step") == run.config.train.total_steps
+
+
+def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
+  """Trains every unfinished run in order; returns one {variant, seed, workdir, status, summary} per run."""
+  from semi_jax import train  # imported here: planning and --print_commands need no TensorFlow
+
+  check_workdirs(runs)
+  results = []
+  for i, run in enumerate(runs, 1):
+    head = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
+    if is_finished(run):
+      log(f"{head}: finished, skipped ({run.workdir})")
+      if not os.path.exists(os.path.join(run.workdir, VARIANT_FILE)):
+        write_variant_file(run)
+      results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "skipped",
+                      "summary": _read_json(os.path.join(run.workdir, SUMMARY))})
+      continue
+    log(f"{head}: training to step {run.config.train.total_steps} in {run.workdir}")
+    write_variant_file(run)
+    summary = train.train_and_evaluate(run.config, run.workdir)
+    results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "trained",
+                    "summary": summary})
+  return results
+
+
+def _flag_value(value) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def override_flags(overrides: Mapping) -> list[str]:
+  """`--config.k=v` flags of semi_jax.main; a dict value becomes one flag per field."""
+  return [f"--config.{key}={_flag_value(value)}" for key, value in flatten_overrides(overrides).items()]
+
+
+def launch_command(run: SweepRun, python: str = "python") -> str:
+  """The shell command that trains this run with semi_jax.main."""
+  args = [python, "-m", "semi_jax.main", f"--config={run.config_spec}", f"--workdir={run.workdir}",
+          f"--config.seed={run.seed}", *override_flags(run.overrides)]
+  return shlex.join(args)
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("config", None, "Sweep file with its argument, e.g. configs/ablations/decay.py:base=test.")
+  flags.DEFINE_string("workdir", None, "Sweep directory; each run trains in WORKDIR/<variant>/seed_<s>.")
+  flags.DEFINE_list("seeds", None, "Seeds of every variant (default: the sweep file's SEEDS, else 0).")
+  flags.DEFINE_list("only", None, "Run only these variants (comma-separated names).")
+  flags.DEFINE_bool("print_commands", False, "Print one semi_jax.main command per run instead of training.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  return flags.FLAGS
+
+
+def main(argv, flag_values) -> None:
+  if len(argv) > 1:
+    sys.exit(f"semi_jax.sweep: unexpected arguments {argv[1:]}")
+  try:  # mistakes in the sweep declaration: one clear line, before anything trains
+    seeds = None if flag_values.seeds is None else _parse_seeds(flag_values.seeds)
+    runs = plan(flag_values.config, flag_values.workdir, seeds=seeds, only=flag_values.only)
+    check_workdirs(runs)
+  except ValueError as e:
+    sys.exit(f"semi_jax.sweep: {e}")
+  if flag_values.print_commands:
+    for run in runs:
+      write_variant_file(run)
+      print(launch_command(run))
+    return
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: keep every accelerator for JAX
+  results = run_sweep(runs)
+  print(f"\n{len(results)} runs in {flag_values.workdir}:")
+  for r in results:
+    s = r["summary"] or {}
+    print(f"  {r['variant']:<20} seed {r['seed']:<3} {r['status']:<8} step {s.get('step')} "
+          f"balanced acc {s.get('balanced_acc', float('nan')):.2f}")
+  print(f"Report: python -m semi_jax.report --workdir={flag_values.workdir}")
+
+
+def _parse_seeds(items) -> list[int]:
+  try:
+    return [int(s) for s in items]
+  except ValueError:
+    raise ValueError(f"--seeds={','.join(items)} is invalid; give integers, e.g. --seeds=0,1,2.") from None
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import app
+  FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, FLAGS))

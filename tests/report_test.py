@@ -1,0 +1,184 @@
+"""Report tables and plots from hand-written run directories (eval.jsonl, summary.json, sweep_variant.json)."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import test as test_config
+from semi_jax import report, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _record(step, balanced, many=0.0, medium=0.0, few=0.0, acc=0.0, per_class=(0.0, 0.0, 0.0), fill=0.5,
+            confidence=0.9):
+  head = {"acc": acc, "balanced_acc": balanced, "acc_many": many, "acc_medium": medium, "acc_few": few,
+          "per_class": list(per_class)}
+  # The standard head gets other numbers: the report must read the reported (balanced) head only.
+  other = {k: (-1.0 if not isinstance(v, list) else [-1.0] * len(v)) for k, v in head.items()}
+  return {"step": step, "reported": "balanced", "loss_b": 1.0, "balanced": head, "standard": other,
+          "bank_fill": [fill, fill], "bank_confidence": [confidence, confidence]}
+
+
+def _write_run(workdir, variant, seed, records, index=0, overrides=None, finished=True, extra_lines=()):
+  run_dir = os.path.join(workdir, variant, f"seed_{seed}")
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, report.EVAL_LOG), "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+    for line in extra_lines:
+      f.write(line)
+  if finished:
+    with open(os.path.join(run_dir, sweep.SUMMARY), "w") as f:
+      json.dump({"step": records[-1]["step"], "balanced_acc": records[-1]["balanced"]["balanced_acc"]}, f)
+  overrides = overrides or {}
+  config = sweep.apply_overrides(test_config.get_config(), overrides)
+  with open(os.path.join(run_dir, sweep.VARIANT_FILE), "w") as f:
+    json.dump({"name": variant, "index": index, "seed": seed, "overrides": overrides,
+               "config": config.to_dict()}, f)
+  return run_dir
+
+
+@pytest.fixture
+def two_variants(tmp_path):
+  """'ref' (index 0, seeds 0 and 1, three evaluations) and 'beta' (index 1, one seed, a swept schedule)."""
+  d = str(tmp_path)
+  final0 = _record(6, 60.0, many=80.0, medium=40.0, few=10.0, acc=70.0, per_class=(90, 60, 30))
+  final1 = _record(6, 70.0, many=90.0, medium=50.0, few=30.0, acc=75.0, per_class=(100, 70, 40))
+  _write_run(d, "ref", 0, [_record(2, 50.0), _record(4, 62.0), final0])
+  _write_run(d, "ref", 1, [_record(2, 55.0), _record(4, 71.0), final1])
+  _write_run(d, "beta", 0, [_record(2, 40.0), _record(6, 45.0, many=60.0, medium=30.0, few=0.0, acc=50.0)],
+             index=1, overrides={"bank.beta": {"kind": "linear", "value": 0.95, "end_value": 0.999}})
+  return d
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_mean_std_over_seeds_by_hand(two_variants):
+  written = report.make_report(two_variants, last_n=2)
+  rows = _read_csv(written["csv"])
+  assert [r["variant"] for r in rows] == ["ref", "beta"]  # sweep order (index), not alphabetical
+  ref, beta = rows
+  assert (ref["seeds"], ref["finished"], ref["steps"]) == ("2", "2", "6")
+  expect = {  # (mean, sample std) of the two seeds' values
+      "final_balanced_acc": (65.0, math.sqrt(50.0)),  # 60, 70
+      "best_balanced_acc": (66.5, 9.0 / math.sqrt(2.0)),  # max(50, 62, 60) = 62, max(55, 71, 70) = 71
+      "last_n_balanced_acc": (65.75, 9.5 / math.sqrt(2.0)),  # (62 + 60) / 2 = 61, (71 + 70) / 2 = 70.5
+      "acc_many": (85.0, math.sqrt(50.0)), "acc_medium": (45.0, math.sqrt(50.0)),
+      "acc_few": (20.0, math.sqrt(200.0)), "acc": (72.5, math.sqrt(12.5))}
+  for name, (mean, std) in expect.items():
+    assert float(ref[f"{name}_mean"]) == pytest.approx(mean, abs=1e-4), name
+    assert float(ref[f"{name}_std"]) == pytest.approx(std, abs=1e-4), name
+  assert float(ref["final_delta"]) == 0.0
+  assert float(beta["final_balanced_acc_mean"]) == 45.0 and math.isnan(float(beta["final_balanced_acc_std"]))
+  assert float(beta["last_n_balanced_acc_mean"]) == pytest.approx(42.5)
+  assert float(beta["final_delta"]) == pytest.approx(45.0 - 65.0)
+  assert ref["overrides"] == "(base)"
+  assert beta["overrides"] == "bank.beta: linear 0.95→0.999 over steps 0..end"
+  md = open(written["md"]).read()
+  assert "| ref | 2 | 6 | 65.00 ± 7.07 | 66.50 ± 6.36 | 65.75 ± 6.72 | 85.00 ± 7.07 |" in md
+  assert "| beta | 1 | 6 | 45.00 | 45.00 | 42.50 |" in md and "| -20.00 |" in md
+  assert "last-2 bal. acc" in md
+
+
+def test_last_n_longer_than_the_run_averages_every_evaluation(two_variants):
+  rows = report.summarize(report.load_runs(two_variants), last_n=50)
+  assert rows[0]["last_n_balanced_acc_mean"] == pytest.approx(((50 + 62 + 60) / 3 + (55 + 71 + 70) / 3) / 2)
+
+
+def test_plots_are_png_files(two_variants):
+  written = report.make_report(two_variants)
+  for name in ("balanced_acc", "bank", "per_class", "schedules"):
+    with open(written[name], "rb") as f:
+      data = f.read()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
+  md = open(written["md"]).read()
+  assert all(f"]({report.PLOTS[n]})" in md for n in ("balanced_acc", "bank", "per_class", "schedules"))
+
+
+def test_no_schedule_plot_without_a_swept_schedule(tmp_path):
+  d = str(tmp_path)
+  _write_run(d, "fixmatch", 0, [_record(2, 30.0)], overrides={"miner.enabled": False})
+  written = report.make_report(d)
+  assert "schedules" not in written and not os.path.exists(os.path.join(d, report.PLOTS["schedules"]))
+  assert _read_csv(written["csv"])[0]["overrides"] == "miner.enabled=False"
+
+
+def test_mean_curve_averages_the_seeds_that_reached_each_step(tmp_path):
+  d = str(tmp_path)
+  _write_run(d, "v", 0, [_record(2, 10.0), _record(4, 30.0)])
+  _write_run(d, "v", 1, [_record(2, 20.0)], finished=False)
+  group = report.group_by_variant(report.load_runs(d))["v"]
+  steps, mean, std = report.mean_curve(group, lambda r: r["balanced"]["balanced_acc"])
+  assert steps.tolist() == [2, 4]
+  assert mean.tolist() == pytest.approx([15.0, 30.0])
+  assert std.tolist() == pytest.approx([math.sqrt(50.0), 0.0])
+  row = report.summarize(report.load_runs(d))[0]
+  assert (row["seeds"], row["finished"], row["steps"]) == (2, 1, 2)  # steps: the least advanced seed
+  assert "(1*)" in report.markdown([row], 5, [])
+
+
+def test_resumed_run_duplicate_steps_and_cut_lines(tmp_path):
+  d = str(tmp_path)
+  # A run resumed from an older checkpoint logs step 4 again; a killed run may leave half a line.
+  _write_run(d, "v", 0, [_record(2, 10.0), _record(4, 99.0), _record(4, 40.0)], extra_lines=['{"step": 6, "rep'])
+  evals = report.read_evals(os.path.join(d, "v", "seed_0", report.EVAL_LOG))
+  assert [e["step"] for e in evals] == [2, 4]
+  assert evals[-1]["balanced"]["balanced_acc"] == 40.0
+
+
+def test_bank_curves_average_over_classes(tmp_path):
+  d = str(tmp_path)
+  record = _record(2, 10.0)
+  record["bank_fill"], record["bank_confidence"] = [0.0, 1.0, 0.5], [0.3, 0.6, 0.9]
+  _write_run(d, "v", 0, [record])
+  group = report.group_by_variant(report.load_runs(d))["v"]
+  assert report.mean_curve(group, report._bank_mean("bank_fill"))[1].tolist() == pytest.approx([0.5])
+  assert report.mean_curve(group, report._bank_mean("bank_confidence"))[1].tolist() == pytest.approx([0.6])
+
+
+def test_pending_variants_are_listed(two_variants):
+  os.makedirs(os.path.join(two_variants, "late", "seed_0"))
+  md = open(report.make_report(two_variants)["md"]).read()
+  assert "No evaluation yet: late." in md
+  assert [r["variant"] for r in _read_csv(os.path.join(two_variants, report.CSV_FILE))] == ["ref", "beta"]
+
+
+def test_schedule_path():
+  config = test_config.get_config().to_dict()
+  assert report.schedule_path(config, "bank.beta.value") == "bank.beta"
+  assert report.schedule_path(config, "bank.beta") == "bank.beta"
+  assert report.schedule_path(config, "bank.enabled") is None
+  assert report.schedule_path(config, "bank.missing.value") is None
+  assert report.schedule_path(None, "bank.beta") is None
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="is not a directory"):
+    report.make_report(str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match="no run under .* has an evaluation yet"):
+    report.make_report(str(tmp_path))
+  with pytest.raises(ValueError, match="last_n=0 is invalid"):
+    report.summarize([], last_n=0)
+
+
+def _report_cli(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", "semi_jax.report", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_cli(two_variants, tmp_path):
+  r = _report_cli(f"--workdir={two_variants}", "--last_n=2")
+  assert r.returncode == 0, r.stderr
+  assert "| ref | 2 | 6 |" in r.stdout and os.path.getsize(os.path.join(two_variants, report.CSV_FILE)) > 0
+  r = _report_cli(f"--workdir={tmp_path / 'missing'}")
+  assert r.returncode != 0 and "is not a directory" in r.stderr and "Traceback" not in r.stderr
