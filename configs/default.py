@@ -16,6 +16,7 @@ COMPONENTS = ("miner", "bank", "plce", "cons")
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0  # model init, data split, augmentation and shuffling all derive from it
+  config.allow_config_change = False  # resume a workdir whose config.json differs (beyond resume-safe fields)
 
   # --- data -------------------------------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
@@ -33,7 +34,6 @@ def get_config(arg=None):
   data.randaugment_ops = 2  # strong augmentation: RandAugment ops per image
   data.randaugment_magnitude = 10  # strong augmentation: magnitudes drawn from [1, m)
   data.cutout_fraction = 0.5  # strong augmentation: Cutout square side as a fraction of the image side
-  data.shuffle_buffer = 50_000  # tf.data shuffle buffer (examples)
   data.prefetch = 2  # global batches prepared ahead of the train step
 
   # --- model ------------------------------------------------------------------------------------------------
@@ -58,6 +58,7 @@ def get_config(arg=None):
   train.keep_checkpoints = 3
   train.eval_batch_size = 256  # global
   train.print_table = True  # print the per-class accuracy table at the end of training
+  train.skip_nonfinite_steps = False  # True: a step with NaN/Inf loss or gradients keeps the old state (counted)
 
   # --- optimiser ----------------------------------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()

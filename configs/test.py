@@ -11,7 +11,6 @@ def get_config(arg=None):
   config.data.labeled_imb = 4.0
   config.data.unlabeled_max = 40
   config.data.unlabeled_imb = 4.0
-  config.data.shuffle_buffer = 256
   config.data.prefetch = 1
   config.model.depth = 10
   config.model.width = 1

@@ -8,6 +8,7 @@ _DISTS = ("consistent", "uniform", "reversed")
 _MINER_MODES = ("entropy", "rank")
 _CLASS_WEIGHTS = ("frequency", "decayed_frequency", "decayed_inverse", "uniform")
 _DTYPES = ("float32", "bfloat16")
+_MODELS = ("wide_resnet",)
 
 
 class ConfigError(ValueError):
@@ -33,9 +34,20 @@ def _schedule_range(cfg, field: str, lo: float, hi: float, total: int, spe: int)
                       f"value {bad[0][1]:.4g} at step {bad[0][0]}.")
 
 
-def validate(config) -> None:
-  """Raises ConfigError for the first invalid value."""
+def _check_divisible(value: int, field: str, parts: int, what: str) -> None:
+  _check(value % parts == 0, field, value,
+         f"must be divisible by the {parts} {what} (global batch split evenly); choose a multiple of {parts}")
+
+
+def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
+  """Raises ConfigError for the first invalid value. With `num_devices` / `num_processes` (the data-axis
+  size of the mesh and the JAX process count) also checks that every global batch divides over them."""
   d, m, t, o, s = config.data, config.model, config.train, config.optim, config.ssl
+  _check(config.seed >= 0, "seed", config.seed, "must be >= 0")
+  _check(config.mesh.data_axis_size == -1 or config.mesh.data_axis_size >= 1, "mesh.data_axis_size",
+         config.mesh.data_axis_size, "must be -1 (all devices) or >= 1")
+  _check(d.test_per_class >= 1, "data.test_per_class", d.test_per_class, "must be >= 1")
+  _check(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0")
   _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
   _check(d.labeled_max >= 1, "data.labeled_max", d.labeled_max, "must be >= 1")
   _check(d.unlabeled_max >= 1, "data.unlabeled_max", d.unlabeled_max, "must be >= 1")
@@ -53,6 +65,8 @@ def validate(config) -> None:
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
   _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", m.bn_momentum, "must be in (0, 1)")
   _check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"choose one of {_DTYPES}")
+  _check(m.name in _MODELS, "model.name", m.name, f"choose one of {_MODELS}")
+  _check(m.leaky_slope >= 0, "model.leaky_slope", m.leaky_slope, "must be >= 0")
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
   _check(t.mu >= 1, "train.mu", t.mu, "must be >= 1")
   _check(t.total_steps >= 1, "train.total_steps", t.total_steps, "must be >= 1")
@@ -60,12 +74,19 @@ def validate(config) -> None:
   for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "eval_batch_size"):
     _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
+  for parts, what in ((num_devices, "devices of the mesh data axis"), (num_processes, "JAX processes")):
+    if parts:
+      _check_divisible(t.batch_size, "train.batch_size", parts, what)
+      _check_divisible(t.batch_size * t.mu, "train.batch_size * train.mu", parts, what)
+      _check_divisible(t.eval_batch_size, "train.eval_batch_size", parts, what)
   _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
   _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
   _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
   _check(s.algo in _ALGOS, "ssl.algo", s.algo, f"choose one of {_ALGOS}")
   _check(s.temperature > 0, "ssl.temperature", s.temperature, "must be > 0")
+  for name in ("tau1", "tau12", "tau2"):
+    _check(s[name] >= 0, f"ssl.{name}", s[name], "logit-adjustment strength must be >= 0")
   epochs = -(-t.total_steps // t.steps_per_epoch)
   _check(0 <= s.est_epoch < epochs, "ssl.est_epoch", s.est_epoch,
          f"must be in [0, {epochs}) (training has {epochs} epochs of {t.steps_per_epoch} steps; the SeMi "
@@ -94,5 +115,6 @@ def validate(config) -> None:
   _check(c.weight >= 0, "cons.weight", c.weight, "must be >= 0")
   _check(c.proto_t > 0, "cons.proto_t", c.proto_t, "must be > 0")
   _check(0.0 <= c.center_momentum < 1.0, "cons.center_momentum", c.center_momentum, "must be in [0, 1)")
+  _check(config.eval.few_threshold >= 0, "eval.few_threshold", config.eval.few_threshold, "must be >= 0")
   _check(config.eval.few_threshold <= config.eval.many_threshold, "eval.few_threshold",
          config.eval.few_threshold, f"must be <= eval.many_threshold ({config.eval.many_threshold})")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from semi_jax import losses, memory_bank, miner, schedules
 from semi_jax.state import TrainState
@@ -30,6 +31,14 @@ class StepContext:
   class_prior: np.ndarray  # labeled class frequencies py
   mean: np.ndarray
   std: np.ndarray
+  # The mesh the step runs on. Given, the memory-bank candidates are gathered to every device before the
+  # push, so the replicated bank is updated locally instead of being all-reduced as a [C, K, D] table.
+  mesh: Any = None
+
+  def replicate(self, x):
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
 
   def schedule(self, name_cfg):
     t = self.config.train
@@ -206,8 +215,8 @@ def train_step(state: TrainState, batch, rng, ctx: StepContext):
   # --- SeMi state ------------------------------------------------------------------------------------------
   bank, last_decay = semi.bank, semi.last_decay_step
   if cfg.bank.enabled:
-    f_us = jax.lax.stop_gradient(jnp.concatenate(aux["f_us"], axis=0))
-    twice = lambda a: jnp.concatenate([a, a], axis=0)
+    f_us = ctx.replicate(jax.lax.stop_gradient(jnp.concatenate(aux["f_us"], axis=0)))
+    twice = lambda a: ctx.replicate(jnp.concatenate([a, a], axis=0))
     bank = memory_bank.push(bank, f_us, twice(aux["conf"]), twice(aux["target"]), twice(aux["mask_ss"]))
     interval = jnp.maximum(jnp.round(ctx.schedule(cfg.bank.decay_every)(step)).astype(jnp.int32), 1)
     due = (step + 1 - last_decay) >= interval
