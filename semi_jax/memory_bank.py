@@ -1,0 +1,246 @@
+"""Balanced confidence-decay memory bank (SeMi, section "Balanced confidence-decay memory bank").
+
+The bank keeps, for every class c, the K most confident features pushed so far with pseudo-label c.
+It is a pytree of fixed-size arrays and every function here is pure and jittable, so the bank lives
+inside the jitted train step (replicated) and never leaves the device.
+
+Layout and invariants:
+- ``feats[c, k]`` is stored with its own confidence ``conf[c, k]`` (the reference implementation lets the
+  two drift apart; here a feature and its confidence always move together).
+- Every row ``conf[c]`` is sorted in descending order. ``push`` relies on this to merge instead of sort,
+  and every function here preserves it. Among equal confidences the older entry comes first.
+- Empty slots hold confidence 0 and ``filled=False``. Confidences of filled slots are > 0.
+- ``fresh[c, k]`` marks a slot written since the last ``decay``; ``decay`` shrinks only the others, so
+  stale entries can eventually be displaced (the reference matched stale entries by float value).
+
+Sharding: the bank is meant to be replicated and the candidates batch-sharded. Everything works on
+global arrays, so the result does not depend on the number of devices. On a mesh with Explicit axes the
+candidates are gathered to every device first, because XLA sorts only along unsharded axes.
+"""
+import math
+from numbers import Real
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import PartitionSpec as P
+
+
+@struct.dataclass
+class MemoryBank:
+  """Per-class top-K store of features with confidences.
+
+  Attributes:
+    feats: [C, K, D] stored features.
+    conf: f32[C, K] confidence of each stored feature, each row sorted in descending order.
+    filled: bool[C, K] slot holds a pushed feature.
+    fresh: bool[C, K] slot was written since the last ``decay``.
+  """
+  feats: jax.Array
+  conf: jax.Array
+  filled: jax.Array
+  fresh: jax.Array
+
+  @property
+  def num_classes(self) -> int:
+    return self.conf.shape[0]
+
+  @property
+  def size(self) -> int:
+    return self.conf.shape[1]
+
+  @property
+  def dim(self) -> int:
+    return self.feats.shape[2]
+
+
+def init_bank(num_classes: int, size: int, dim: int, dtype=jnp.float32) -> MemoryBank:
+  """Empty bank: zero features (in ``dtype``), zero float32 confidences, no slot filled or fresh."""
+  for name, value in (("num_classes", num_classes), ("size", size), ("dim", dim)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"init_bank: {name} must be a positive int, got {value!r}.")
+  return MemoryBank(
+      feats=jnp.zeros((num_classes, size, dim), dtype),
+      conf=jnp.zeros((num_classes, size), jnp.float32),
+      filled=jnp.zeros((num_classes, size), bool),
+      fresh=jnp.zeros((num_classes, size), bool),
+  )
+
+
+def _unshard_if_explicit(x: jax.Array) -> jax.Array:
+  """Replicates ``x`` when it is sharded over an Explicit mesh axis (a no-op for Auto axes)."""
+  sharding = jax.typeof(x).sharding
+  if any(axis is not None for axis in sharding.spec):
+    return jax.sharding.reshard(x, sharding.update(spec=P()))
+  return x
+
+
+def _take_rows(values: jax.Array, index: jax.Array) -> jax.Array:
+  """``values[c, index[c, m]]`` for every c, m: like take_along_axis(axis=1) with trailing axes kept.
+
+  Written as one gather from the flattened array: on CPU this is several times faster than
+  ``jnp.take_along_axis``. ``index`` must be in range.
+  """
+  num_rows, length = values.shape[:2]
+  flat = values.reshape((num_rows * length,) + values.shape[2:])
+  return flat[jnp.arange(num_rows, dtype=jnp.int32)[:, None] * length + index]
+
+
+def _count_prefix(rows: jax.Array, queries: jax.Array, in_prefix) -> jax.Array:
+  """Per row, length of the prefix of ``rows`` on which ``in_prefix(entry, query)`` holds.
+
+  ``rows`` is [C, L] and ``queries`` [C, M]; the predicate must be true on a prefix of each row (true for
+  ``entry > q`` or ``entry >= q`` on a row sorted in descending order). Branch-free binary search with a
+  static number of steps: [C, M] gathers per step instead of a [C, M, L] comparison table, and a cost
+  that does not depend on the values (unlike ``lax.top_k`` on CPU).
+  """
+  length = rows.shape[-1]
+  lo = jnp.zeros(queries.shape, jnp.int32)  # in_prefix holds on rows[:lo]
+  hi = jnp.full(queries.shape, length, jnp.int32)  # and fails on rows[hi:]
+  for _ in range(max(1, math.ceil(math.log2(length + 1)))):
+    active = lo < hi
+    mid = (lo + hi) // 2
+    go_right = active & in_prefix(_take_rows(rows, jnp.minimum(mid, length - 1)), queries)
+    lo = jnp.where(go_right, mid + 1, lo)
+    hi = jnp.where(active & ~go_right, mid, hi)
+    # Materialise each step: a fused chain of such steps can recompute earlier steps inside later ones
+    # (a similar search without barriers took minutes to compile).
+    lo, hi = jax.lax.optimization_barrier((lo, hi))
+  return lo
+
+
+def push(bank: MemoryBank, feats: jax.Array, conf: jax.Array, labels: jax.Array,
+         valid: jax.Array) -> MemoryBank:
+  """Offers a batch of candidates to the bank.
+
+  For every class c the new row holds the K highest-confidence entries of (stored entries of c) and
+  (valid candidates with label c). A candidate enters only if it strictly beats the lowest stored
+  confidence of its class: stored entries win ties, and among candidates the lower batch index wins.
+  Any number of candidates of one class can enter in one call. Written slots become filled and fresh;
+  surviving entries keep their flags and move with their features. Rows stay sorted.
+
+  Candidates with ``valid=False``, a label outside [0, C) or a confidence that is not > 0 (NaN included)
+  are ignored; such a candidate could never beat an empty slot anyway.
+
+  Args:
+    bank: the current bank.
+    feats: [N, D] candidate features (cast to the bank's feature dtype).
+    conf: [N] candidate confidences, e.g. max of the pseudo-label distribution.
+    labels: int [N] candidate classes, e.g. argmax of the pseudo-label distribution.
+    valid: bool [N] which candidates to offer (e.g. the pseudo-label mask).
+
+  Returns:
+    The updated bank, same shapes and dtypes.
+
+  Cost: one stable sort of the N candidates (the only work that grows with N), then per class a merge of
+  two sorted lists of at most K entries by binary search, and one [C, K, D] feature gather. Neither a
+  [C, K + N] confidence table nor a [C, K + N, D] feature table is built, and the cost does not depend on
+  the values (``lax.top_k`` on CPU does).
+  """
+  num_classes, size, dim = bank.feats.shape
+  if feats.ndim != 2 or feats.shape[1] != dim:
+    raise ValueError(f"push: feats must be [N, {dim}] to match the bank, got shape {feats.shape}.")
+  n = feats.shape[0]
+  for name, value in (("conf", conf), ("labels", labels), ("valid", valid)):
+    if jnp.shape(value) != (n,):
+      raise ValueError(f"push: {name} must have shape ({n},) like feats' batch axis, got {jnp.shape(value)}.")
+  feats, conf, labels, valid = (_unshard_if_explicit(jnp.asarray(v)) for v in (feats, conf, labels, valid))
+
+  conf = conf.astype(jnp.float32)
+  labels = labels.astype(jnp.int32)
+  valid = valid.astype(bool) & (labels >= 0) & (labels < num_classes) & (conf > 0)
+
+  # Group candidates by class (ignored ones last), most confident first, batch order on ties.
+  class_key = jnp.where(valid, labels, num_classes)
+  batch_index = jnp.arange(n, dtype=jnp.int32)
+  _, sorted_neg_conf, sorted_index = jax.lax.sort(
+      (class_key, -conf, batch_index), num_keys=2, is_stable=True)
+  counts = jnp.zeros(num_classes + 1, jnp.int32).at[class_key].add(1)[:num_classes]
+  starts = jnp.cumsum(counts) - counts
+
+  # Best candidates of each class: [C, W], descending, -inf where a class has fewer than W candidates.
+  width = min(size, n)
+  slot = jnp.arange(width, dtype=jnp.int32)
+  pos = jnp.minimum(starts[:, None] + slot, n - 1)
+  has_cand = slot[None, :] < counts[:, None]
+  cand_conf = jnp.where(has_cand, -sorted_neg_conf[pos], -jnp.inf)
+  cand_index = sorted_index[pos]
+
+  # Merge the two descending lists; stored entries go first on ties. Merged positions form a
+  # permutation of [0, K + W), so scattering sources into the first K slots has no collisions.
+  stored_conf = bank.conf
+  stored_pos = jnp.arange(size, dtype=jnp.int32) + _count_prefix(
+      cand_conf, stored_conf, lambda entry, q: entry > q)
+  cand_pos = slot + _count_prefix(stored_conf, cand_conf, lambda entry, q: entry >= q)
+  rows = jnp.arange(num_classes)[:, None]
+  source = jnp.zeros((num_classes, size), jnp.int32)  # < K: stored slot; >= K: K + candidate slot
+  source = source.at[rows, stored_pos].set(
+      jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (num_classes, size)),
+      mode="drop", unique_indices=True)
+  source = source.at[rows, cand_pos].set(
+      jnp.broadcast_to(size + slot, (num_classes, width)), mode="drop", unique_indices=True)
+
+  from_stored = source < size
+  stored_slot = jnp.minimum(source, size - 1)
+  cand_slot = jnp.maximum(source - size, 0)
+  new_conf = jnp.where(from_stored, _take_rows(stored_conf, stored_slot), _take_rows(cand_conf, cand_slot))
+  new_filled = jnp.where(from_stored, _take_rows(bank.filled, stored_slot), True)
+  new_fresh = jnp.where(from_stored, _take_rows(bank.fresh, stored_slot), True)
+
+  # One gather from [stored rows; candidate rows] instead of two gathers and a select. The barrier
+  # makes XLA compute the [C, K] row indices once instead of re-deriving them for each of the D columns
+  # inside the fused gather (measurably slower on CPU).
+  flat_source = jax.lax.optimization_barrier(jnp.where(
+      from_stored, rows * size + stored_slot, num_classes * size + _take_rows(cand_index, cand_slot)))
+  table = jnp.concatenate([bank.feats.reshape(num_classes * size, dim), feats.astype(bank.feats.dtype)])
+  new_feats = table[flat_source]
+  return MemoryBank(feats=new_feats, conf=new_conf, filled=new_filled, fresh=new_fresh)
+
+
+def decay(bank: MemoryBank, beta) -> MemoryBank:
+  """Multiplies the confidence of filled, non-fresh entries by ``beta``; then clears all fresh flags.
+
+  Entries written since the previous decay keep their confidence, so stale entries slowly lose to new
+  ones. Rows are re-sorted (stable) afterwards. ``beta`` may be a traced scalar; a Python number must lie
+  in [0, 1].
+  """
+  if isinstance(beta, Real) and not 0 <= beta <= 1:
+    raise ValueError(f"decay: beta must lie in [0, 1] (e.g. 0.99), got {beta}.")
+  stale = bank.filled & ~bank.fresh
+  conf = jnp.where(stale, bank.conf * jnp.asarray(beta, bank.conf.dtype), bank.conf)
+  slots = jnp.broadcast_to(jnp.arange(bank.size, dtype=jnp.int32), conf.shape)
+  _, order = jax.lax.sort((-conf, slots), dimension=1, num_keys=1, is_stable=True)
+  return MemoryBank(
+      feats=_take_rows(bank.feats, order),
+      conf=_take_rows(conf, order),
+      filled=_take_rows(bank.filled, order),
+      fresh=jnp.zeros_like(bank.fresh),
+  )
+
+
+def _filled_count(bank: MemoryBank) -> jax.Array:
+  return jnp.sum(bank.filled, axis=1, dtype=jnp.int32)
+
+
+def prototypes(bank: MemoryBank) -> tuple[jax.Array, jax.Array]:
+  """Per-class mean of the FILLED features (empty slots are ignored).
+
+  Returns:
+    (protos f32[C, D], has_proto bool[C]); a class with no entry gets a zero prototype and False.
+  """
+  weights = bank.filled.astype(jnp.float32)
+  count = _filled_count(bank)
+  sums = jnp.einsum("ck,ckd->cd", weights, bank.feats.astype(jnp.float32))
+  protos = sums / jnp.maximum(count, 1)[:, None].astype(jnp.float32)
+  return protos, count > 0
+
+
+def fill_fraction(bank: MemoryBank) -> jax.Array:
+  """f32[C]: fraction of each class's K slots that hold a feature."""
+  return jnp.mean(bank.filled.astype(jnp.float32), axis=1)
+
+
+def mean_confidence(bank: MemoryBank) -> jax.Array:
+  """f32[C]: mean confidence over each class's filled slots, 0 for an empty class."""
+  total = jnp.sum(jnp.where(bank.filled, bank.conf, 0.0), axis=1)
+  return total / jnp.maximum(_filled_count(bank), 1).astype(jnp.float32)
