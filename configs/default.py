@@ -38,33 +38,33 @@ def get_config(arg=None):
 
   # --- model ------------------------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
-  model.name = "wide_resnet"
+  model.name = "wide_resnet"  # the only architecture: WideResNet-depth-width with heads fc and fc1
   model.depth = 28  # 6n+4
   model.width = 2  # widen factor: features D = 64 * width
-  model.dropout = 0.0
+  model.dropout = 0.0  # dropout inside the residual blocks (the reference uses 0)
   model.bn_momentum = 0.999  # running-average decay (PyTorch momentum 0.001)
-  model.leaky_slope = 0.1
+  model.leaky_slope = 0.1  # negative slope of the LeakyReLU activations
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, BN statistics and losses stay float32)
 
   # --- training loop ----------------------------------------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 64  # labeled images per step, global (all devices and hosts)
   train.mu = 1  # unlabeled images per labeled image
-  train.total_steps = 250_000
+  train.total_steps = 250_000  # optimisation steps (the reference: 500 epochs of 500 steps)
   train.steps_per_epoch = 500  # the reference's "eval_step": epoch-based rules (warm-up, monitor) use it
-  train.log_every_steps = 100
-  train.eval_every_steps = 500
-  train.checkpoint_every_steps = 5000
-  train.keep_checkpoints = 3
+  train.log_every_steps = 100  # training metrics, progress (steps/s, ETA) and the divergence check
+  train.eval_every_steps = 500  # test-set evaluation of the EMA weights
+  train.checkpoint_every_steps = 5000  # orbax checkpoint interval (and always at the end)
+  train.keep_checkpoints = 3  # newest checkpoints kept
   train.eval_batch_size = 256  # global
   train.print_table = True  # print the per-class accuracy table at the end of training
   train.skip_nonfinite_steps = False  # True: a step with NaN/Inf loss or gradients keeps the old state (counted)
 
   # --- optimiser ----------------------------------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
-  optim.lr = 0.03
-  optim.momentum = 0.9
-  optim.nesterov = True
+  optim.lr = 0.03  # peak learning rate of SGD
+  optim.momentum = 0.9  # SGD momentum
+  optim.nesterov = True  # Nesterov momentum
   optim.weight_decay = 5e-4  # coupled L2 as torch SGD, not on biases / BatchNorm
   optim.lr_schedule = schedule_config("reference_cosine", value=1.0, cycles=7.0 / 16.0)  # factor on lr
   optim.ema_decay = 0.999  # EMA of the weights, used for evaluation
@@ -88,7 +88,7 @@ def get_config(arg=None):
   config.miner = miner = ml_collections.ConfigDict()
   miner.enabled = True  # OHEML: weight the unlabeled loss by pseudo-label entropy
   miner.mode = "entropy"  # entropy (paper: H * scale + 1 - scale) | rank (hardest fraction weight 1)
-  miner.scale = schedule_config("constant", value=0.75)
+  miner.scale = schedule_config("constant", value=0.75)  # OHEM scale: easy examples weigh 1 - scale
   miner.hard_fraction = 0.5  # rank mode: fraction of the global batch counted as hard
 
   config.bank = bank = ml_collections.ConfigDict()
