@@ -16,18 +16,20 @@ def get_config(arg=None):
   config.data.labeled_imb = 10.0
   config.data.unlabeled_max = 100
   config.data.unlabeled_imb = 10.0
-  config.data.shuffle_buffer = 2048
   config.model.depth = 10
   config.model.width = 2
   config.train.batch_size = 32
   config.train.mu = 2
-  config.train.total_steps = 1500
+  config.train.total_steps = 1000
   config.train.steps_per_epoch = 50
   config.train.log_every_steps = 50
-  config.train.eval_every_steps = 250
+  config.train.eval_every_steps = 200
   config.train.checkpoint_every_steps = 500
   config.train.eval_batch_size = 300
-  config.optim.lr = 0.03
+  # A 1,000-step run: with the 250k-step averages (0.999) the EMA weights and the BatchNorm running
+  # statistics would still carry ~37% of their initial values at the end.
+  config.optim.ema_decay = 0.99
+  config.model.bn_momentum = 0.99
   config.ssl.est_epoch = 2
   config.ssl.threshold.value = 0.95
   config.bank.size = 16
