@@ -39,8 +39,12 @@ def main(argv):
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except config_validation.ConfigError as e:
-    sys.exit(f"semi_jax: {e}")
+  except (ValueError, FloatingPointError) as e:
+    # Bad input (config value, missing data set, wrong image size, workdir holding another run) and
+    # divergence end with their message, not a traceback; --verbosity=1 shows where it came from.
+    logging.debug("Traceback", exc_info=True)
+    kind = "bad configuration" if isinstance(e, config_validation.ConfigError) else type(e).__name__
+    sys.exit(f"semi_jax: {kind}: {e}")
 
 
 if __name__ == "__main__":

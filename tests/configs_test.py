@@ -90,3 +90,10 @@ def test_bad_arguments_are_clear_errors():
 def test_imagenet_size_argument():
   c = _load(f"{ROOT}/configs/imagenet127.py:size=64,algo=acr")
   assert c.data.name == "imagenet127_64" and c.data.image_size == 64 and c.ssl.algo == "acr"
+
+
+def test_cli_missing_data_set_is_one_clear_line(tmp_path):
+  r = _main("--config=configs/cifar10_lt.py", f"--config.data.data_dir={tmp_path}/tfds",
+            f"--workdir={tmp_path}/run")
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert "cifar10" in r.stderr and f"{tmp_path}/tfds" in r.stderr and "download_and_prepare" in r.stderr
