@@ -136,7 +136,10 @@ def compute_objective(logits, logits_b, feats, batch, semi, step, ctx: StepConte
   # --- hard-example mining -----------------------------------------------------------------------------------
   if cfg.miner.enabled:
     scale = ctx.schedule(cfg.miner.scale)(step)
-    mined = miner.mine(pl, mode=cfg.miner.mode, scale=scale, hard_fraction=cfg.miner.hard_fraction)
+    # Only examples that pass the mask enter Lu: rank among them, so the hard slots are not spent on rows
+    # the loss ignores (the entropy weights themselves do not depend on it).
+    mined = miner.mine(pl, mode=cfg.miner.mode, scale=scale, hard_fraction=cfg.miner.hard_fraction,
+                       valid=mask_ss)
     ohem = jnp.where(after_warmup, mined.weights, 1.0)
     out["ohem_weight"] = jnp.mean(ohem)
     out["entropy_hard"] = _masked_mean(mined.entropy, mined.is_hard)
@@ -221,7 +224,7 @@ def train_step(state: TrainState, batch, rng, ctx: StepContext):
     interval = jnp.maximum(jnp.round(ctx.schedule(cfg.bank.decay_every)(step)).astype(jnp.int32), 1)
     due = (step + 1 - last_decay) >= interval
     beta = ctx.schedule(cfg.bank.beta)(step)
-    bank = jax.tree.map(lambda d, k: jnp.where(due, d, k), memory_bank.decay(bank, beta), bank)
+    bank = jax.lax.cond(due, memory_bank.decay, lambda b, _: b, bank, beta)
     last_decay = jnp.where(due, step + 1, last_decay)
     fill = memory_bank.fill_fraction(bank)
     out.update(bank_fill=jnp.mean(fill), bank_fill_min=jnp.min(fill),
