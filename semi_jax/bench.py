@@ -1,0 +1,297 @@
+"""Speed of the pieces of a training run: train step, memory-bank update, eval step, input pipeline.
+
+  python -m semi_jax.bench [--out=bench.json] [--steps=20] [--quick] [--algos=semi,acr,fixmatch]
+                           [--dtype=float32] [--bank_calls=200] [--input_seconds=5]
+
+The default setting is the paper's CIFAR-10-LT step: WRN-28-2, labeled batch 64, mu=1 (64 labeled + 3 x 64
+unlabeled views = 256 images per forward pass), 10 classes, 32x32. `--quick` shrinks everything (WRN-10-1, 8x8,
+batch 8) to check that the script runs. The state and batches are synthetic (random uint8 images, a long-tailed
+class prior), so no data set is needed. Everything runs on a 1-device mesh laid out as a real run is (state
+replicated, batch sharded over `data`). XLA flags must be set in XLA_FLAGS before the run; they are recorded in
+the output together with the device and the versions.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import cifar10_lt
+from semi_jax import memory_bank, sharding
+from semi_jax.models import create_model
+from semi_jax.state import create_train_state, make_optimizer
+from semi_jax.train_step import StepContext, eval_step, train_step
+
+# (num_classes, bank size K, candidates N) of CIFAR-10, CIFAR-100 and ImageNet-127 (N = 2 strong views x U).
+BANK_SIZES = ((10, 128, 128), (100, 128, 512), (127, 128, 1024))
+QUICK_BANK_SIZES = ((10, 8, 16), (20, 8, 32))
+FEATURE_DIM = 128
+WARMUP_STEPS = 2
+
+
+def bench_config(algo: str, quick: bool, dtype: str = "float32"):
+  """The CIFAR-10-LT config of `algo`, or its tiny version with `quick`."""
+  config = cifar10_lt.get_config(f"algo={algo}")
+  config.model.dtype = dtype
+  if quick:
+    config.data.image_size = 8
+    config.model.depth, config.model.width = 10, 1
+    config.train.batch_size = 8
+    config.train.eval_batch_size = 32
+    config.bank.size = 8
+  return config
+
+
+def _median_ms(seconds: list[float]) -> float:
+  return 1000.0 * statistics.median(seconds)
+
+
+def _flops(compiled) -> float | None:
+  """FLOPs of one call according to XLA's cost model (None where the backend gives none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def _class_prior(num_classes: int, imbalance: float = 100.0) -> np.ndarray:
+  """Exponentially long-tailed class frequencies (head / tail = imbalance), summing to 1."""
+  counts = imbalance ** (-np.arange(num_classes) / max(num_classes - 1, 1))
+  return (counts / counts.sum()).astype(np.float32)
+
+
+def _context(config, num_classes: int) -> StepContext:
+  return StepContext(model=create_model(config.model, num_classes), tx=make_optimizer(config), config=config,
+                     class_prior=_class_prior(num_classes), mean=np.full(3, 0.5, np.float32),
+                     std=np.full(3, 0.25, np.float32))
+
+
+def _train_batch(rng: np.random.Generator, config, num_classes: int) -> dict:
+  t, s = config.train, config.data.image_size
+  b, u = t.batch_size, t.batch_size * t.mu
+  image = lambda n: rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+  label = lambda n: rng.integers(0, num_classes, (n,), dtype=np.int32)
+  return {"x": image(b), "y": label(b), "u_weak": image(u), "u_strong1": image(u), "u_strong2": image(u),
+          "u_label": label(u), "u_index": np.arange(u, dtype=np.int32)}
+
+
+def time_train_step(config, steps: int, num_classes: int = 10, mesh=None) -> dict:
+  """Compile time and per-step times of the jitted, state-donating train step (after the warm-up)."""
+  mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+  repl = sharding.replicated(mesh)
+  ctx = _context(config, num_classes)
+  init = functools.partial(create_train_state, ctx.model, ctx.tx, image_size=config.data.image_size,
+                           num_classes=num_classes, bank_size=config.bank.size)
+  state = jax.jit(init, out_shardings=repl)(jax.random.key(0))
+  # Past the warm-up epochs, so that every SeMi term is live (their cost is paid either way: the
+  # warm-up switches are selects, not branches).
+  past_warmup = config.train.steps_per_epoch * (config.ssl.est_epoch + 1)
+  state = state.replace(step=jax.device_put(jnp.asarray(past_warmup, jnp.int32), repl))
+  rng = np.random.default_rng(0)
+  batches = [sharding.to_global(_train_batch(rng, config, num_classes), mesh) for _ in range(2)]
+  step_rng = jax.random.key(1)
+  step = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0, out_shardings=(repl, repl))
+
+  start = time.perf_counter()
+  compiled = step.lower(state, batches[0], step_rng).compile()
+  compile_s = time.perf_counter() - start
+  times, cpu_times = [], []
+  for i in range(WARMUP_STEPS + steps):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state, out = compiled(state, batches[i % len(batches)], step_rng)
+    jax.block_until_ready((state, out))
+    if i >= WARMUP_STEPS:
+      times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
+  loss = float(out["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"train step of algo={config.ssl.algo} gave a non-finite loss {loss}.")
+  t = config.train
+  images = t.batch_size * (1 + 3 * t.mu)
+  ms = _median_ms(times)
+  flops = _flops(compiled)
+  return {"algo": config.ssl.algo, "compile_s": compile_s, "median_ms": ms, "min_ms": 1000.0 * min(times),
+          "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
+          "steps": len(times),
+          "gflop_per_step": None if flops is None else flops / 1e9,
+          "gflop_per_s": None if flops is None else flops / 1e9 / (ms / 1000.0)}
+
+
+def _random_candidates(rng: np.random.Generator, n: int, num_classes: int) -> tuple:
+  feats = rng.standard_normal((n, FEATURE_DIM)).astype(np.float32)
+  conf = rng.uniform(0.9, 1.0, n).astype(np.float32)
+  labels = rng.integers(0, num_classes, n).astype(np.int32)
+  return feats, conf, labels, np.ones(n, bool)
+
+
+def time_bank_update(num_classes: int, size: int, candidates: int, calls: int) -> dict:
+  """Median time of one jitted push + decay (and of push alone) on a bank filled by earlier pushes."""
+  rng = np.random.default_rng(0)
+  push = jax.jit(memory_bank.push)
+  update = jax.jit(lambda bank, *c: memory_bank.decay(memory_bank.push(bank, *c), 0.99))
+  bank = memory_bank.init_bank(num_classes, size, FEATURE_DIM)
+  for _ in range(max(1, -(-2 * num_classes * size // candidates))):  # fill (about 2 K per class offered)
+    bank = push(bank, *_random_candidates(rng, candidates, num_classes))
+  offers = [jax.device_put(_random_candidates(rng, candidates, num_classes)) for _ in range(4)]
+  result = {"classes": num_classes, "size": size, "candidates": candidates, "dim": FEATURE_DIM, "calls": calls}
+  for name, fn in (("push_ms", push), ("push_decay_ms", update)):
+    jax.block_until_ready(fn(bank, *offers[0]))
+    times, cpu_times = [], []
+    for i in range(calls):
+      start, cpu_start = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn(bank, *offers[i % len(offers)]))
+      times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
+    result[name] = _median_ms(times)
+    result[name.replace("_ms", "_cpu_ms")] = _median_ms(cpu_times)
+  return result
+
+
+def time_eval_step(config, calls: int, num_classes: int = 10) -> dict:
+  """Median time of the jitted eval step on one batch of train.eval_batch_size images."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  repl = sharding.replicated(mesh)
+  ctx = _context(config, num_classes)
+  variables = jax.jit(lambda r: ctx.model.init(
+      r, jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32), train=False),
+                      out_shardings=repl)(jax.random.key(0))
+  n, s = config.train.eval_batch_size, config.data.image_size
+  rng = np.random.default_rng(0)
+  batch = sharding.to_global({"image": rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+                              "label": rng.integers(0, num_classes, n, dtype=np.int32),
+                              "mask": np.ones(n, bool)}, mesh)
+  step = jax.jit(functools.partial(eval_step, ctx=ctx), out_shardings=repl)
+  start = time.perf_counter()
+  compiled = step.lower(variables["params"], variables["batch_stats"], batch).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(variables["params"], variables["batch_stats"], batch))
+  times, cpu_times = [], []
+  for _ in range(calls):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    jax.block_until_ready(compiled(variables["params"], variables["batch_stats"], batch))
+    times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
+  ms = _median_ms(times)
+  return {"batch": n, "compile_s": compile_s, "median_ms": ms, "min_ms": 1000.0 * min(times),
+          "cpu_ms": _median_ms(cpu_times), "images_per_s": n / (ms / 1000.0)}
+
+
+def time_input_pipeline(size: int, batch: int, seconds: float) -> dict:
+  """Source images/s of the unlabeled stream (weak + 2 strong views) and the labeled stream (weak view)."""
+  from semi_jax import bench_augment  # imports TensorFlow: only when measured
+  threads = os.cpu_count() or 1
+  result = {"threads": threads, "size": size, "batch": batch}
+  for views, key in (("weak", "weak"), ("weak+2strong", "weak_2strong")):
+    rate = bench_augment.measure(views, threads, seconds=seconds, size=size, batch=batch)
+    # measure gives images per wall-clock second, or (per wall-clock second, per CPU-second).
+    wall, cpu = rate if isinstance(rate, tuple) else (rate, None)
+    result[f"{key}_images_per_s"] = wall
+    result[f"{key}_images_per_cpu_s"] = cpu
+  return result
+
+
+def environment() -> dict:
+  devices = jax.devices()
+  return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+          "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
+          "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def _jaxlib_version() -> str:
+  import jaxlib
+  return jaxlib.__version__
+
+
+def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"), dtype: str = "float32",
+        bank_calls: int = 200, input_seconds: float = 5.0) -> dict:
+  """Runs every measurement and returns them as one JSON-serialisable dict."""
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 (timed train steps after {WARMUP_STEPS} warm-up steps), got {steps}.")
+  if bank_calls < 1:
+    raise ValueError(f"bank_calls must be >= 1, got {bank_calls}.")
+  if not algos:
+    raise ValueError("algos is empty; name at least one of semi, acr, fixmatch, fixmatch_la.")
+  result = {"environment": environment(), "quick": quick, "dtype": dtype, "train_step": {}}
+  for algo in algos:
+    result["train_step"][algo] = time_train_step(bench_config(algo, quick, dtype), steps)
+  ts = result["train_step"]
+  if "semi" in ts:
+    result["semi_extra_pct_of_step"] = {
+        base: 100.0 * (ts["semi"]["median_ms"] - ts[base]["median_ms"]) / ts["semi"]["median_ms"]
+        for base in ts if base != "semi"}
+  result["bank_update"] = [time_bank_update(c, k, n, bank_calls)
+                           for c, k, n in (QUICK_BANK_SIZES if quick else BANK_SIZES)]
+  config = bench_config(algos[0], quick, dtype)
+  result["eval_step"] = time_eval_step(config, calls=max(3, steps // 2))
+  if input_seconds > 0:
+    result["input_pipeline"] = time_input_pipeline(config.data.image_size, config.train.batch_size,
+                                                   input_seconds)
+  return result
+
+
+def format_report(result: dict) -> str:
+  env = result["environment"]
+  lines = [f"jax {env['jax']} (jaxlib {env['jaxlib']}), {env['device_count']} x {env['device_kind']} "
+           f"({env['backend']}), {env['cpu_count']} CPUs, dtype {result['dtype']}, "
+           f"XLA_FLAGS={env['xla_flags'] or '(none)'}", "",
+           "Wall-clock times; 'CPU ms' is the process's CPU time per call (all threads), which other load on the "
+           "machine inflates much less.", "",
+           f"{'train step':<12}{'compile s':>10}{'median ms':>11}{'min ms':>9}{'CPU ms':>9}{'images/s':>10}"
+           f"{'GFLOP':>8}{'GFLOP/s':>9}"]
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  for algo, r in result["train_step"].items():
+    lines.append(f"{algo:<12}{r['compile_s']:>10.1f}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}"
+                 f"{r['cpu_ms']:>9.1f}{r['images_per_s']:>10.1f}{fmt(r['gflop_per_step'], '8.1f')}"
+                 f"{fmt(r['gflop_per_s'], '9.1f')}")
+  for base, pct in result.get("semi_extra_pct_of_step", {}).items():
+    lines.append(f"SeMi extra cost over {base}: {pct:.1f}% of the SeMi step")
+  lines += ["", f"{'bank update (C, K, N), D=' + str(FEATURE_DIM):<30}{'push ms':>10}{'CPU ms':>9}"
+            f"{'push+decay ms':>15}{'CPU ms':>9}"]
+  for r in result["bank_update"]:
+    lines.append(f"{str((r['classes'], r['size'], r['candidates'])):<30}{r['push_ms']:>10.3f}"
+                 f"{r['push_cpu_ms']:>9.3f}{r['push_decay_ms']:>15.3f}{r['push_decay_cpu_ms']:>9.3f}")
+  e = result["eval_step"]
+  lines += ["", f"eval step, batch {e['batch']}: compile {e['compile_s']:.1f} s, median {e['median_ms']:.1f} ms "
+            f"(min {e['min_ms']:.1f}, CPU {e['cpu_ms']:.1f}), {e['images_per_s']:.0f} images/s"]
+  if "input_pipeline" in result:
+    p = result["input_pipeline"]
+    per_cpu = lambda key: ("" if p[f"{key}_images_per_cpu_s"] is None
+                           else f" ({p[f'{key}_images_per_cpu_s']:.0f} per CPU-second)")
+    lines.append(f"input pipeline, {p['size']}x{p['size']}, {p['threads']} threads: weak "
+                 f"{p['weak_images_per_s']:.0f} images/s{per_cpu('weak')}, weak + 2 strong "
+                 f"{p['weak_2strong_images_per_s']:.0f} source images/s{per_cpu('weak_2strong')}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="bench.json", help="JSON output file")
+  parser.add_argument("--steps", type=int, default=20, help="timed train steps per algorithm, after warm-up")
+  parser.add_argument("--quick", action="store_true", help="tiny model and images: checks that it runs")
+  parser.add_argument("--algos", default="semi,acr,fixmatch", help="comma-separated algorithm presets")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model compute dtype")
+  parser.add_argument("--bank_calls", type=int, default=200, help="timed calls per memory-bank size")
+  parser.add_argument("--input_seconds", type=float, default=5.0,
+                      help="seconds per input-pipeline measurement (0 skips it)")
+  args = parser.parse_args(argv)
+  result = run(steps=args.steps, quick=args.quick, algos=tuple(a for a in args.algos.split(",") if a),
+               dtype=args.dtype, bank_calls=args.bank_calls, input_seconds=args.input_seconds)
+  print(format_report(result))
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
