@@ -317,7 +317,7 @@ def _truncate_eval_log(path: str, step: int) -> None:
   keep = [line for line in lines if json.loads(line)["step"] <= step]
   if len(keep) != len(lines):
     with gfile.GFile(path + ".tmp", "w") as f:
-      f.writelines(keep)
+      f.write("".join(keep))
     gfile.rename(path + ".tmp", path, overwrite=True)
 
 
