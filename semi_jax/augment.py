@@ -161,32 +161,29 @@ def rotate(image: tf.Tensor, degrees) -> tf.Tensor:
   return affine_nearest(image, matrix)
 
 
+def _affine(image: tf.Tensor, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> tf.Tensor:
+  """PIL's affine (a, b, c, d, e, f): source x = a x + b y + c, source y = d x + e y + f."""
+  return affine_nearest(image, tf.stack([tf.cast(v, tf.float64) for v in (a, b, c, d, e, f)]))
+
+
 def shear_x(image: tf.Tensor, factor) -> tf.Tensor:
   """Source x = x + factor * y (PIL affine (1, factor, 0, 0, 1, 0)); shears about the top-left corner."""
-  factor = tf.cast(factor, tf.float64)
-  zero, one = tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)
-  return affine_nearest(image, tf.stack([one, factor, zero, zero, one, zero]))
+  return _affine(image, b=factor)
 
 
 def shear_y(image: tf.Tensor, factor) -> tf.Tensor:
   """Source y = factor * x + y (PIL affine (1, 0, 0, factor, 1, 0))."""
-  factor = tf.cast(factor, tf.float64)
-  zero, one = tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)
-  return affine_nearest(image, tf.stack([one, zero, zero, factor, one, zero]))
+  return _affine(image, d=factor)
 
 
 def translate_x(image: tf.Tensor, pixels) -> tf.Tensor:
   """out[:, x] = in[:, x + pixels] (PIL's sign convention: positive moves the content left)."""
-  pixels = tf.cast(pixels, tf.float64)
-  zero, one = tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)
-  return affine_nearest(image, tf.stack([one, zero, pixels, zero, one, zero]))
+  return _affine(image, c=pixels)
 
 
 def translate_y(image: tf.Tensor, pixels) -> tf.Tensor:
   """out[y, :] = in[y + pixels, :] (positive moves the content up)."""
-  pixels = tf.cast(pixels, tf.float64)
-  zero, one = tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)
-  return affine_nearest(image, tf.stack([one, zero, zero, zero, one, pixels]))
+  return _affine(image, f=pixels)
 
 
 def cutout(image: tf.Tensor, top: tf.Tensor, left: tf.Tensor, side: int) -> tf.Tensor:
