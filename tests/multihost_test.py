@@ -53,7 +53,8 @@ def one_device_run(trainer):
 def _run_steps(trainer, devices, batches):
   mesh = sharding.make_mesh(devices=devices)
   repl = sharding.replicated(mesh)
-  step = jax.jit(functools.partial(train_step, ctx=dataclasses.replace(trainer.ctx, mesh=mesh)), out_shardings=(repl, repl))
+  ctx = dataclasses.replace(trainer.ctx, mesh=mesh)
+  step = jax.jit(functools.partial(train_step, ctx=ctx), out_shardings=(repl, repl))
   state = jax.device_put(jax.device_get(trainer.state), repl)
   outs = []
   for b in batches:

@@ -26,7 +26,8 @@ def _batches(trainer, n):
 
 def _run_steps(trainer, mesh, batches, state):
   repl = sharding.replicated(mesh)
-  step = jax.jit(functools.partial(train_step, ctx=dataclasses.replace(trainer.ctx, mesh=mesh)), out_shardings=(repl, repl))
+  ctx = dataclasses.replace(trainer.ctx, mesh=mesh)
+  step = jax.jit(functools.partial(train_step, ctx=ctx), out_shardings=(repl, repl))
   state = jax.device_put(jax.device_get(state), repl)
   outs = []
   for b in batches:
@@ -58,7 +59,8 @@ def test_no_host_transfer_inside_the_step(trainer):
   batches = [sharding.to_global(b, mesh) for b in _batches(trainer, 2)]
   repl = sharding.replicated(mesh)
   state = jax.device_put(jax.device_get(trainer.state), repl)
-  step = jax.jit(functools.partial(train_step, ctx=dataclasses.replace(trainer.ctx, mesh=mesh)), out_shardings=(repl, repl))
+  ctx = dataclasses.replace(trainer.ctx, mesh=mesh)
+  step = jax.jit(functools.partial(train_step, ctx=ctx), out_shardings=(repl, repl))
   step(state, batches[0], trainer.step_rng)  # compile outside the guard
   with jax.transfer_guard("disallow"):
     for b in batches:
