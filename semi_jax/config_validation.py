@@ -21,13 +21,11 @@ def _check(cond: bool, field: str, value, allowed: str) -> None:
 
 
 def _schedule_range(cfg, field: str, lo: float, hi: float, total: int, spe: int) -> None:
+  points = sorted({0, total // 4, total // 2, max(total - 1, 0)})
   try:
-    fn = schedules.make_schedule(cfg, total, spe)
+    values = schedules.sample(cfg, total, spe, points)
   except ValueError as e:
     raise ConfigError(f"config field {field}: {e}") from None
-  points = sorted({0, total // 4, total // 2, max(total - 1, 0)})
-  values = schedules.sample(cfg, total, spe, points)
-  del fn
   bad = [(p, float(v)) for p, v in zip(points, values) if not lo <= v <= hi]
   if bad:
     raise ConfigError(f"config field {field} ({schedules.describe(cfg)}) leaves [{lo}, {hi}]: "

@@ -32,16 +32,6 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_divisible(global_batch: int, mesh: Mesh, what: str) -> None:
-  devices = mesh.devices.size
-  processes = jax.process_count()
-  if global_batch % devices:
-    raise ValueError(f"{what}={global_batch} does not divide over {devices} devices; choose a multiple of "
-                     f"{devices} (or set mesh.data_axis_size).")
-  if global_batch % processes:
-    raise ValueError(f"{what}={global_batch} does not divide over {processes} processes.")
-
-
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Turns this process's slice of a batch (numpy arrays) into global arrays sharded over `data`."""
   sharding = batch_sharded(mesh)

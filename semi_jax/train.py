@@ -52,7 +52,6 @@ class Trainer:
   """Holds the compiled functions and data of one run; `run()` trains to config.train.total_steps."""
 
   def __init__(self, config, workdir: str):
-    config_validation.validate(config)
     self.config = config
     self.workdir = workdir
     self.is_lead = jax.process_index() == 0
