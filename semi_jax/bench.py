@@ -1,7 +1,7 @@
 """Speed of the pieces of a training run: train step, memory-bank update, eval step, input pipeline.
 
   python -m semi_jax.bench [--out=bench.json] [--steps=20] [--quick] [--algos=semi,acr,fixmatch]
-                           [--dtype=float32] [--bank_calls=200] [--input_seconds=5]
+                           [--dtype=float32] [--bank_calls=200] [--input_seconds=5] [--profile=DIR]
 
 The default setting is the paper's CIFAR-10-LT step: WRN-28-2, labeled batch 64, mu=1 (64 labeled + 3 x 64
 unlabeled views = 256 images per forward pass), 10 classes, 32x32. `--quick` shrinks everything (WRN-10-1, 8x8,
@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import json
 import os
 import platform
+import re
 import statistics
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +88,36 @@ def _train_batch(rng: np.random.Generator, config, num_classes: int) -> dict:
           "u_label": label(u), "u_index": np.arange(u, dtype=np.int32)}
 
 
-def time_train_step(config, steps: int, num_classes: int = 10, mesh=None) -> dict:
-  """Compile time and per-step times of the jitted, state-donating train step (after the warm-up)."""
+def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
+  """Runs `run_step()` once under the JAX profiler and sums the traced XLA op time by op kind.
+
+  XLA names its ops `<kind>.<n>` (e.g. `wrapped_reduce-window.85`); the numbers are dropped and the time of
+  each kind summed over every thread that ran XLA work. On CPU, Eigen convolutions hand their work to a
+  thread pool whose time is not attributed to the op, so it shows up as the gap between the step's wall time
+  times the threads and the attributed total.
+  """
+  with jax.profiler.trace(trace_dir):
+    start = time.perf_counter()
+    run_step()
+    wall_ms = 1000.0 * (time.perf_counter() - start)
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+  if not files:
+    raise FileNotFoundError(f"the profiler wrote no .xplane.pb trace under {trace_dir}.")
+  by_kind = Counter()
+  for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      for event in line.events:
+        if not event.name.startswith("ThunkExecutor"):
+          by_kind[re.sub(r"[.\d]+$", "", event.name)] += event.duration_ns / 1e6
+  return {"trace_dir": trace_dir, "step_wall_ms": wall_ms, "attributed_ms": sum(by_kind.values()),
+          "top_op_kinds_ms": dict(by_kind.most_common(top))}
+
+
+def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profile_dir: str | None = None) -> dict:
+  """Compile time and per-step times of the jitted, state-donating train step (after the warm-up); with
+  `profile_dir`, one more step is traced there and summarised (see `profile_step`)."""
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   repl = sharding.replicated(mesh)
   ctx = _context(config, num_classes)
@@ -113,6 +144,13 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None) -> dic
     if i >= WARMUP_STEPS:
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
+  profile = None
+  if profile_dir:
+    def run_step():
+      nonlocal state, out
+      state, out = compiled(state, batches[0], step_rng)
+      jax.block_until_ready((state, out))
+    profile = profile_step(run_step, profile_dir)
   loss = float(out["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"train step of algo={config.ssl.algo} gave a non-finite loss {loss}.")
@@ -124,7 +162,7 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None) -> dic
           "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
           "steps": len(times),
           "gflop_per_step": None if flops is None else flops / 1e9,
-          "gflop_per_s": None if flops is None else flops / 1e9 / (ms / 1000.0)}
+          "gflop_per_s": None if flops is None else flops / 1e9 / (ms / 1000.0), "profile": profile}
 
 
 def _random_candidates(rng: np.random.Generator, n: int, num_classes: int) -> tuple:
@@ -135,21 +173,25 @@ def _random_candidates(rng: np.random.Generator, n: int, num_classes: int) -> tu
 
 
 def time_bank_update(num_classes: int, size: int, candidates: int, calls: int) -> dict:
-  """Median time of one jitted push + decay (and of push alone) on a bank filled by earlier pushes."""
+  """Median time of one jitted push + decay (and of push alone) on a full bank.
+
+  The bank is donated and each call's result feeds the next, as in the train step (whose state is donated),
+  so that XLA can write the entering features in place.
+  """
   rng = np.random.default_rng(0)
-  push = jax.jit(memory_bank.push)
-  update = jax.jit(lambda bank, *c: memory_bank.decay(memory_bank.push(bank, *c), 0.99))
+  push = jax.jit(memory_bank.push, donate_argnums=0)
+  update = jax.jit(lambda bank, *c: memory_bank.decay(memory_bank.push(bank, *c), 0.99), donate_argnums=0)
   bank = memory_bank.init_bank(num_classes, size, FEATURE_DIM)
   for _ in range(max(1, -(-2 * num_classes * size // candidates))):  # fill (about 2 K per class offered)
     bank = push(bank, *_random_candidates(rng, candidates, num_classes))
   offers = [jax.device_put(_random_candidates(rng, candidates, num_classes)) for _ in range(4)]
   result = {"classes": num_classes, "size": size, "candidates": candidates, "dim": FEATURE_DIM, "calls": calls}
   for name, fn in (("push_ms", push), ("push_decay_ms", update)):
-    jax.block_until_ready(fn(bank, *offers[0]))
+    bank = jax.block_until_ready(fn(bank, *offers[0]))
     times, cpu_times = [], []
     for i in range(calls):
       start, cpu_start = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fn(bank, *offers[i % len(offers)]))
+      bank = jax.block_until_ready(fn(bank, *offers[i % len(offers)]))
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
     result[name] = _median_ms(times)
@@ -214,7 +256,7 @@ def _jaxlib_version() -> str:
 
 
 def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"), dtype: str = "float32",
-        bank_calls: int = 200, input_seconds: float = 5.0) -> dict:
+        bank_calls: int = 200, input_seconds: float = 5.0, profile_dir: str | None = None) -> dict:
   """Runs every measurement and returns them as one JSON-serialisable dict."""
   if steps < 1:
     raise ValueError(f"steps must be >= 1 (timed train steps after {WARMUP_STEPS} warm-up steps), got {steps}.")
@@ -223,8 +265,9 @@ def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"),
   if not algos:
     raise ValueError("algos is empty; name at least one of semi, acr, fixmatch, fixmatch_la.")
   result = {"environment": environment(), "quick": quick, "dtype": dtype, "train_step": {}}
-  for algo in algos:
-    result["train_step"][algo] = time_train_step(bench_config(algo, quick, dtype), steps)
+  for i, algo in enumerate(algos):  # only the first algorithm's step is profiled
+    result["train_step"][algo] = time_train_step(bench_config(algo, quick, dtype), steps,
+                                                 profile_dir=profile_dir if i == 0 else None)
   ts = result["train_step"]
   if "semi" in ts:
     result["semi_extra_pct_of_step"] = {
@@ -256,6 +299,13 @@ def format_report(result: dict) -> str:
                  f"{fmt(r['gflop_per_s'], '9.1f')}")
   for base, pct in result.get("semi_extra_pct_of_step", {}).items():
     lines.append(f"SeMi extra cost over {base}: {pct:.1f}% of the SeMi step")
+  for algo, r in result["train_step"].items():
+    if r.get("profile"):
+      p = r["profile"]
+      lines += ["", f"profile of one {algo} step (trace in {p['trace_dir']}): {p['step_wall_ms']:.0f} ms wall, "
+                f"{p['attributed_ms']:.0f} ms of XLA op time attributed over all threads (on CPU the Eigen "
+                "convolutions' work is not)"]
+      lines += [f"  {ms:9.1f} ms  {kind}" for kind, ms in p["top_op_kinds_ms"].items()]
   lines += ["", f"{'bank update (C, K, N), D=' + str(FEATURE_DIM):<30}{'push ms':>10}{'CPU ms':>9}"
             f"{'push+decay ms':>15}{'CPU ms':>9}"]
   for r in result["bank_update"]:
@@ -284,9 +334,13 @@ def main(argv=None) -> None:
   parser.add_argument("--bank_calls", type=int, default=200, help="timed calls per memory-bank size")
   parser.add_argument("--input_seconds", type=float, default=5.0,
                       help="seconds per input-pipeline measurement (0 skips it)")
+  parser.add_argument("--profile", default="", metavar="DIR",
+                      help="trace one step of the first algorithm with the JAX profiler into DIR (TensorBoard "
+                           "format) and print the op kinds that took the most time")
   args = parser.parse_args(argv)
   result = run(steps=args.steps, quick=args.quick, algos=tuple(a for a in args.algos.split(",") if a),
-               dtype=args.dtype, bank_calls=args.bank_calls, input_seconds=args.input_seconds)
+               dtype=args.dtype, bank_calls=args.bank_calls, input_seconds=args.input_seconds,
+               profile_dir=args.profile or None)
   print(format_report(result))
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

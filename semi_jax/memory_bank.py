@@ -5,12 +5,16 @@ It is a pytree of fixed-size arrays and every function here is pure and jittable
 inside the jitted train step (replicated) and never leaves the device.
 
 Layout and invariants:
-- ``feats[c, k]`` is stored with its own confidence ``conf[c, k]`` (the reference implementation lets the
-  two drift apart; here a feature and its confidence always move together).
+- Features stay where they were written: ``feats[c, s]`` is storage slot s of class c, and ``slot[c, k]`` names
+  the storage slot of the k-th most confident entry. ``conf``, ``filled`` and ``fresh`` are in that rank order.
+  A push therefore writes only the entering candidates' features (in place when the bank is donated) and a
+  decay moves none; reordering a [C, K, D] table on every step cost more than all the rest of the update.
+  ``ranked_feats`` gives the features in rank order. Each ``slot[c]`` is a permutation of [0, K).
+- A feature and its confidence always move together (the reference implementation lets the two drift apart).
 - Every row ``conf[c]`` is sorted in descending order. ``push`` relies on this to merge instead of sort,
   and every function here preserves it. Among equal confidences the older entry comes first.
 - Empty slots hold confidence 0 and ``filled=False``. Confidences of filled slots are > 0.
-- ``fresh[c, k]`` marks a slot written since the last ``decay``; ``decay`` shrinks only the others, so
+- ``fresh[c, k]`` marks an entry written since the last ``decay``; ``decay`` shrinks only the others, so
   stale entries can eventually be displaced (the reference matched stale entries by float value).
 
 Sharding: the bank is meant to be replicated and the candidates batch-sharded. Everything works on
@@ -31,15 +35,24 @@ class MemoryBank:
   """Per-class top-K store of features with confidences.
 
   Attributes:
-    feats: [C, K, D] stored features.
-    conf: f32[C, K] confidence of each stored feature, each row sorted in descending order.
-    filled: bool[C, K] slot holds a pushed feature.
-    fresh: bool[C, K] slot was written since the last ``decay``.
+    feats: [C, K, D] stored features, in storage order.
+    conf: f32[C, K] confidences in rank order: each row sorted in descending order.
+    filled: bool[C, K] the k-th ranked entry holds a pushed feature.
+    fresh: bool[C, K] the k-th ranked entry was written since the last ``decay``.
+    slot: int32[C, K] storage slot in ``feats`` of the k-th ranked entry.
   """
   feats: jax.Array
   conf: jax.Array
   filled: jax.Array
   fresh: jax.Array
+  slot: jax.Array
+
+  @classmethod
+  def from_ranked(cls, feats, conf, filled, fresh) -> "MemoryBank":
+    """A bank from arrays that are all in rank order (feature k of class c stored in slot k)."""
+    num_classes, size = jnp.shape(conf)
+    return cls(feats=jnp.asarray(feats), conf=jnp.asarray(conf), filled=jnp.asarray(filled),
+               fresh=jnp.asarray(fresh), slot=_identity_slots(num_classes, size))
 
   @property
   def num_classes(self) -> int:
@@ -64,7 +77,17 @@ def init_bank(num_classes: int, size: int, dim: int, dtype=jnp.float32) -> Memor
       conf=jnp.zeros((num_classes, size), jnp.float32),
       filled=jnp.zeros((num_classes, size), bool),
       fresh=jnp.zeros((num_classes, size), bool),
+      slot=_identity_slots(num_classes, size),
   )
+
+
+def _identity_slots(num_classes: int, size: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (num_classes, size))
+
+
+def ranked_feats(bank: MemoryBank) -> jax.Array:
+  """[C, K, D] features in rank order: ``ranked_feats(bank)[c, k]`` goes with ``bank.conf[c, k]``."""
+  return _take_rows(bank.feats, bank.slot)
 
 
 def _unshard_if_explicit(x: jax.Array) -> jax.Array:
@@ -86,21 +109,24 @@ def _take_rows(values: jax.Array, index: jax.Array) -> jax.Array:
   return flat[jnp.arange(num_rows, dtype=jnp.int32)[:, None] * length + index]
 
 
-def _count_prefix(rows: jax.Array, queries: jax.Array, in_prefix) -> jax.Array:
-  """Per row, length of the prefix of ``rows`` on which ``in_prefix(entry, query)`` holds.
+def _count_prefix(rows: jax.Array, row_of_query: jax.Array, queries: jax.Array, in_prefix) -> jax.Array:
+  """For each query, the length of the prefix of its row ``rows[row_of_query]`` on which
+  ``in_prefix(entry, query)`` holds.
 
-  ``rows`` is [C, L] and ``queries`` [C, M]; the predicate must be true on a prefix of each row (true for
-  ``entry > q`` or ``entry >= q`` on a row sorted in descending order). Branch-free binary search with a
-  static number of steps: [C, M] gathers per step instead of a [C, M, L] comparison table, and a cost
-  that does not depend on the values (unlike ``lax.top_k`` on CPU).
+  ``rows`` is [C, L], ``row_of_query`` int [M] in [0, C) and ``queries`` [M]; the predicate must be true on a
+  prefix of each row (``entry >= q`` on a row sorted in descending order). Branch-free binary search with a
+  static number of steps: M gathers per step, and a cost that does not depend on the values (unlike
+  ``lax.top_k`` on CPU).
   """
   length = rows.shape[-1]
-  lo = jnp.zeros(queries.shape, jnp.int32)  # in_prefix holds on rows[:lo]
-  hi = jnp.full(queries.shape, length, jnp.int32)  # and fails on rows[hi:]
+  flat = rows.reshape(-1)
+  row_start = row_of_query * length
+  lo = jnp.zeros(queries.shape, jnp.int32)  # in_prefix holds on the row's [:lo]
+  hi = jnp.full(queries.shape, length, jnp.int32)  # and fails on its [hi:]
   for _ in range(max(1, math.ceil(math.log2(length + 1)))):
     active = lo < hi
     mid = (lo + hi) // 2
-    go_right = active & in_prefix(_take_rows(rows, jnp.minimum(mid, length - 1)), queries)
+    go_right = active & in_prefix(flat[row_start + jnp.minimum(mid, length - 1)], queries)
     lo = jnp.where(go_right, mid + 1, lo)
     hi = jnp.where(active & ~go_right, mid, hi)
     # Materialise each step: a fused chain of such steps can recompute earlier steps inside later ones
@@ -132,10 +158,10 @@ def push(bank: MemoryBank, feats: jax.Array, conf: jax.Array, labels: jax.Array,
   Returns:
     The updated bank, same shapes and dtypes.
 
-  Cost: one stable sort of the N candidates (the only work that grows with N), then per class a merge of
-  two sorted lists of at most K entries by binary search, and one [C, K, D] feature gather. Neither a
-  [C, K + N] confidence table nor a [C, K + N, D] feature table is built, and the cost does not depend on
-  the values (``lax.top_k`` on CPU does).
+  Cost: one stable sort of the N candidates, one binary search per candidate in its class's row, a few
+  [C, K] index operations, and a scatter of the entering candidates' features (at most N rows; in place when
+  the bank is donated, as in the train step). No [C, K + N] table is built, no stored feature moves, and the
+  cost does not depend on the values (``lax.top_k`` on CPU does).
   """
   num_classes, size, dim = bank.feats.shape
   if feats.ndim != 2 or feats.shape[1] != dim:
@@ -153,48 +179,54 @@ def push(bank: MemoryBank, feats: jax.Array, conf: jax.Array, labels: jax.Array,
   # Group candidates by class (ignored ones last), most confident first, batch order on ties.
   class_key = jnp.where(valid, labels, num_classes)
   batch_index = jnp.arange(n, dtype=jnp.int32)
-  _, sorted_neg_conf, sorted_index = jax.lax.sort(
+  sorted_class, sorted_neg_conf, sorted_index = jax.lax.sort(
       (class_key, -conf, batch_index), num_keys=2, is_stable=True)
-  counts = jnp.zeros(num_classes + 1, jnp.int32).at[class_key].add(1)[:num_classes]
+  sorted_valid = sorted_class < num_classes
+  counts = jnp.zeros(num_classes + 1, jnp.int32).at[class_key].add(1)
   starts = jnp.cumsum(counts) - counts
 
-  # Best candidates of each class: [C, W], descending, -inf where a class has fewer than W candidates.
-  width = min(size, n)
-  slot = jnp.arange(width, dtype=jnp.int32)
-  pos = jnp.minimum(starts[:, None] + slot, n - 1)
-  has_cand = slot[None, :] < counts[:, None]
-  cand_conf = jnp.where(has_cand, -sorted_neg_conf[pos], -jnp.inf)
-  cand_index = sorted_index[pos]
-
-  # Merge the two descending lists; stored entries go first on ties. Merged positions form a
-  # permutation of [0, K + W), so scattering sources into the first K slots has no collisions.
-  stored_conf = bank.conf
-  stored_pos = jnp.arange(size, dtype=jnp.int32) + _count_prefix(
-      cand_conf, stored_conf, lambda entry, q: entry > q)
-  cand_pos = slot + _count_prefix(stored_conf, cand_conf, lambda entry, q: entry >= q)
-  rows = jnp.arange(num_classes)[:, None]
-  source = jnp.zeros((num_classes, size), jnp.int32)  # < K: stored slot; >= K: K + candidate slot
-  source = source.at[rows, stored_pos].set(
-      jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (num_classes, size)),
-      mode="drop", unique_indices=True)
-  source = source.at[rows, cand_pos].set(
-      jnp.broadcast_to(size + slot, (num_classes, width)), mode="drop", unique_indices=True)
+  # Merge each class's candidates (descending) into its stored row (descending); stored entries go first on
+  # ties. A candidate's merged position is its rank among its class's candidates plus the number of stored
+  # entries at least as confident (a binary search in one row); a stored entry's is its slot plus the number
+  # of its class's candidates that precede it, read off a histogram of those searches. The positions form a
+  # permutation of [0, K + n_c) per class, so writing sources into the first K slots has no collisions.
+  sorted_class = jnp.minimum(sorted_class, num_classes - 1)  # in range for the gathers; `entering` masks
+  sorted_conf = -sorted_neg_conf
+  rank = batch_index - starts[sorted_class]
+  stored_before = _count_prefix(bank.conf, sorted_class, sorted_conf, lambda entry, q: entry >= q)
+  cand_pos = rank + stored_before
+  entering = sorted_valid & (cand_pos < size)
+  rows = jnp.arange(num_classes, dtype=jnp.int32)[:, None]
+  # cands_before[c, k]: candidates of class c that precede stored slot k (those with stored_before <= k).
+  histogram = jnp.zeros((num_classes, size + 1), jnp.int32).at[sorted_class, stored_before].add(
+      sorted_valid.astype(jnp.int32))
+  stored_pos = jnp.arange(size, dtype=jnp.int32) + jnp.cumsum(histogram[:, :size], axis=1)
+  # source[c, k] < K: stored slot of class c; >= K: K + sorted candidate index.
+  source = jnp.zeros((num_classes, size), jnp.int32).at[rows, stored_pos].set(
+      jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (num_classes, size)), mode="drop", unique_indices=True)
+  cand_target = jnp.where(entering, sorted_class * size + cand_pos, num_classes * size)  # out of range: dropped
+  source = source.reshape(-1).at[cand_target].set(size + batch_index, mode="drop", unique_indices=True)
+  source = source.reshape(num_classes, size)
 
   from_stored = source < size
-  stored_slot = jnp.minimum(source, size - 1)
-  cand_slot = jnp.maximum(source - size, 0)
-  new_conf = jnp.where(from_stored, _take_rows(stored_conf, stored_slot), _take_rows(cand_conf, cand_slot))
-  new_filled = jnp.where(from_stored, _take_rows(bank.filled, stored_slot), True)
-  new_fresh = jnp.where(from_stored, _take_rows(bank.fresh, stored_slot), True)
+  stored_rank = jnp.minimum(source, size - 1)
+  cand = jnp.maximum(source - size, 0)
+  new_conf = jnp.where(from_stored, _take_rows(bank.conf, stored_rank), sorted_conf[cand])
+  new_filled = jnp.where(from_stored, _take_rows(bank.filled, stored_rank), True)
+  new_fresh = jnp.where(from_stored, _take_rows(bank.fresh, stored_rank), True)
 
-  # One gather from [stored rows; candidate rows] instead of two gathers and a select. The barrier
-  # makes XLA compute the [C, K] row indices once instead of re-deriving them for each of the D columns
-  # inside the fused gather (measurably slower on CPU).
-  flat_source = jax.lax.optimization_barrier(jnp.where(
-      from_stored, rows * size + stored_slot, num_classes * size + _take_rows(cand_index, cand_slot)))
-  table = jnp.concatenate([bank.feats.reshape(num_classes * size, dim), feats.astype(bank.feats.dtype)])
-  new_feats = table[flat_source]
-  return MemoryBank(feats=new_feats, conf=new_conf, filled=new_filled, fresh=new_fresh)
+  # The e_c entering candidates of class c evict its e_c lowest-ranked entries (ranks K - e_c .. K - 1) and
+  # take over their storage slots; the r-th entering candidate (rank r < e_c in its class) gets the one of
+  # rank K - e_c + r. Only their features are written; everything else stays in place.
+  entering_count = jnp.zeros(num_classes, jnp.int32).at[sorted_class].add(entering.astype(jnp.int32))
+  freed_rank = jnp.clip(size - entering_count[sorted_class] + rank, 0, size - 1)
+  cand_storage = bank.slot.reshape(-1)[sorted_class * size + freed_rank]
+  new_slot = jnp.where(from_stored, _take_rows(bank.slot, stored_rank), cand_storage[cand])
+  write_row = jnp.where(entering, sorted_class * size + cand_storage, num_classes * size)  # out of range: dropped
+  new_feats = bank.feats.reshape(num_classes * size, dim).at[write_row].set(
+      feats.astype(bank.feats.dtype)[sorted_index], mode="drop", unique_indices=True)
+  return MemoryBank(feats=new_feats.reshape(num_classes, size, dim), conf=new_conf, filled=new_filled,
+                    fresh=new_fresh, slot=new_slot)
 
 
 def decay(bank: MemoryBank, beta) -> MemoryBank:
@@ -211,10 +243,11 @@ def decay(bank: MemoryBank, beta) -> MemoryBank:
   slots = jnp.broadcast_to(jnp.arange(bank.size, dtype=jnp.int32), conf.shape)
   _, order = jax.lax.sort((-conf, slots), dimension=1, num_keys=1, is_stable=True)
   return MemoryBank(
-      feats=_take_rows(bank.feats, order),
+      feats=bank.feats,  # features stay in their storage slots; only the ranking changes
       conf=_take_rows(conf, order),
       filled=_take_rows(bank.filled, order),
       fresh=jnp.zeros_like(bank.fresh),
+      slot=_take_rows(bank.slot, order),
   )
 
 
@@ -228,7 +261,10 @@ def prototypes(bank: MemoryBank) -> tuple[jax.Array, jax.Array]:
   Returns:
     (protos f32[C, D], has_proto bool[C]); a class with no entry gets a zero prototype and False.
   """
-  weights = bank.filled.astype(jnp.float32)
+  # `filled` is in rank order, the features in storage order: move the (small) mask to storage order.
+  rows = jnp.arange(bank.num_classes, dtype=jnp.int32)[:, None]
+  weights = jnp.zeros(bank.conf.shape, jnp.float32).at[rows, bank.slot].set(
+      bank.filled.astype(jnp.float32), unique_indices=True)
   count = _filled_count(bank)
   sums = jnp.einsum("ck,ckd->cd", weights, bank.feats.astype(jnp.float32))
   protos = sums / jnp.maximum(count, 1)[:, None].astype(jnp.float32)

@@ -34,6 +34,18 @@ def test_quick_bench_writes_valid_json(tmp_path, capsys):
   assert "SeMi extra cost over fixmatch" in printed
 
 
+def test_profile_summarises_the_traced_step(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench.main(["--quick", "--steps=1", "--algos=semi", "--bank_calls=1", "--input_seconds=0",
+              f"--profile={tmp_path / 'trace'}", f"--out={out}"])
+  profile = json.loads(out.read_text())["train_step"]["semi"]["profile"]
+  assert profile["step_wall_ms"] > 0 and profile["top_op_kinds_ms"]
+  assert all(ms >= 0 and not kind[-1].isdigit() for kind, ms in profile["top_op_kinds_ms"].items())
+  assert math.isclose(profile["attributed_ms"], sum(profile["top_op_kinds_ms"].values()), rel_tol=1e-9) or (
+      profile["attributed_ms"] > sum(profile["top_op_kinds_ms"].values()))
+  assert "profile of one semi step" in capsys.readouterr().out
+
+
 def test_rejects_bad_arguments():
   with pytest.raises(ValueError, match="steps"):
     bench.run(steps=0, quick=True)

@@ -55,7 +55,12 @@ def unpack(rows):
 
 
 def as_dict(bank):
-  return {k: np.asarray(getattr(bank, k)) for k in ("conf", "feats", "filled", "fresh")}
+  """The bank's contents in rank order (how the reference keeps them), after checking the slot invariant."""
+  slot = np.asarray(bank.slot)
+  np.testing.assert_array_equal(np.sort(slot, axis=1), np.broadcast_to(np.arange(bank.size), slot.shape))
+  out = {k: np.asarray(getattr(bank, k)) for k in ("conf", "filled", "fresh")}
+  out["feats"] = np.asarray(mb.ranked_feats(bank))
+  return out
 
 
 def assert_bank_equal(got, want):
@@ -72,8 +77,7 @@ def make_bank(conf, feats=None, fresh=None):
     feats = np.repeat(conf[..., None], 2, axis=-1) + np.arange(num_classes)[:, None, None] * 10
   feats = np.where(filled[..., None], feats, 0.0).astype(np.float32)
   fresh = np.zeros_like(filled) if fresh is None else np.asarray(fresh, bool)
-  return mb.MemoryBank(feats=jnp.asarray(feats), conf=jnp.asarray(conf), filled=jnp.asarray(filled),
-                       fresh=jnp.asarray(fresh & filled))
+  return mb.MemoryBank.from_ranked(feats, conf, filled, fresh & filled)
 
 
 def candidates(conf, labels, valid=None, dim=2):
@@ -133,8 +137,9 @@ def test_equal_to_lowest_does_not_enter_but_greater_does():
   assert_bank_equal(same, as_dict(bank))
   better = push(bank, *candidates([0.6], [0]))
   np.testing.assert_allclose(better.conf[0], [0.9, 0.8, 0.6])
-  np.testing.assert_array_equal(better.feats[0, :2], bank.feats[0, :2])  # survivors keep their features
-  np.testing.assert_array_equal(better.feats[0, 2], [100, 100])  # the new feature sits with its confidence
+  # survivors keep their features, and the new feature sits with its confidence
+  np.testing.assert_array_equal(mb.ranked_feats(better)[0, :2], mb.ranked_feats(bank)[0, :2])
+  np.testing.assert_array_equal(mb.ranked_feats(better)[0, 2], [100, 100])
   np.testing.assert_array_equal(better.fresh[0], [False, False, True])
   assert_bank_equal({k: v[1:] for k, v in as_dict(better).items()}, {k: v[1:] for k, v in as_dict(bank).items()})
 
@@ -144,7 +149,7 @@ def test_tie_with_stored_entry_goes_after_it_and_candidates_keep_batch_order():
   got = push(bank, *candidates([0.5, 0.6, 0.5], [0, 0, 0]))
   np.testing.assert_allclose(got.conf[0], [0.9, 0.6, 0.5, 0.5])
   # slot 2 is the stored 0.5 (older wins the tie), slot 3 candidate 0 (lower index than candidate 2).
-  np.testing.assert_array_equal(got.feats[0, :, 0], np.float32([0.9, 101, 0.5, 100]))
+  np.testing.assert_array_equal(mb.ranked_feats(got)[0, :, 0], np.float32([0.9, 101, 0.5, 100]))
   np.testing.assert_array_equal(got.fresh[0], [False, True, False, True])
 
 
@@ -152,12 +157,12 @@ def test_many_candidates_of_one_class_all_enter():
   bank = mb.init_bank(3, 4, 2)
   got = push(bank, *candidates([0.3, 0.9, 0.6, 0.8], [2, 2, 2, 2]))
   np.testing.assert_allclose(got.conf[2], [0.9, 0.8, 0.6, 0.3])
-  np.testing.assert_array_equal(got.feats[2, :, 0], [101, 103, 102, 100])
+  np.testing.assert_array_equal(mb.ranked_feats(got)[2, :, 0], [101, 103, 102, 100])
   assert np.all(got.filled[2]) and np.all(got.fresh[2])
   # Six candidates for four slots: the four best enter, all in one call.
   got = push(bank, *candidates([0.3, 0.9, 0.6, 0.8, 0.1, 0.7], [1] * 6))
   np.testing.assert_allclose(got.conf[1], [0.9, 0.8, 0.7, 0.6])
-  np.testing.assert_array_equal(got.feats[1, :, 0], [101, 103, 105, 102])
+  np.testing.assert_array_equal(mb.ranked_feats(got)[1, :, 0], [101, 103, 105, 102])
 
 
 def test_other_classes_untouched():
@@ -183,7 +188,7 @@ def test_decay_only_stale_entries_and_resets_fresh():
   got = decay(bank, 0.5)
   # 0.9 -> 0.45 and 0.7 -> 0.35 (stale); 0.8 is fresh and keeps its value, then rows are re-sorted.
   np.testing.assert_allclose(got.conf[0], [0.8, 0.45, 0.35, 0.0])
-  np.testing.assert_array_equal(got.feats[0, :, 0], np.float32([0.8, 0.9, 0.7, 0.0]))
+  np.testing.assert_array_equal(mb.ranked_feats(got)[0, :, 0], np.float32([0.8, 0.9, 0.7, 0.0]))
   np.testing.assert_array_equal(got.filled[0], [True, True, True, False])
   assert not np.any(got.fresh)
   # beta may be traced (it comes from a schedule).
@@ -202,8 +207,7 @@ def test_prototypes_ignore_empty_slots():
   feats[0, :2] = [[1, 2], [3, 4]]
   feats[1, :1] = [[5, -5]]
   conf = np.float32([[0.9, 0.8, 0.0, 0.0], [0.7, 0.0, 0.0, 0.0], [0.0] * 4])
-  bank = mb.MemoryBank(feats=jnp.asarray(feats), conf=jnp.asarray(conf), filled=jnp.asarray(conf > 0),
-                       fresh=jnp.zeros((3, 4), bool))
+  bank = mb.MemoryBank.from_ranked(feats, conf, conf > 0, np.zeros((3, 4), bool))
   protos, has_proto = jax.jit(mb.prototypes)(bank)
   np.testing.assert_allclose(protos, [[2, 3], [5, -5], [0, 0]])
   np.testing.assert_array_equal(has_proto, [True, True, False])
@@ -264,3 +268,24 @@ def test_push_same_on_one_and_eight_devices(axis_type):
   assert_bank_equal(multi, as_dict(single))
   assert_bank_equal(single, ref_push(as_dict(bank), *args))
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(multi))
+
+
+def test_push_and_decay_move_no_stored_feature():
+  """Features stay in their storage slots: a push writes only the rows of entering candidates, a decay none."""
+  rng = np.random.default_rng(3)
+  num_classes, size, n, dim = 4, 6, 20, 3
+  bank = mb.init_bank(num_classes, size, dim)
+  for _ in range(3):
+    before = np.asarray(bank.feats)
+    offered = rng.normal(size=(n, dim)).astype(np.float32)
+    conf = rng.uniform(0.1, 1.0, n).astype(np.float32)
+    labels = rng.integers(0, num_classes, n)
+    bank = push(bank, jnp.asarray(offered), jnp.asarray(conf), jnp.asarray(labels), jnp.ones(n, bool))
+    changed = np.any(np.asarray(bank.feats) != before, axis=-1)  # [C, K] storage slots written
+    # Exactly as many slots were written as entries entered (fresh), each with one of the offered features.
+    assert changed.sum() == np.asarray(bank.fresh).sum() > 0
+    for c, s in zip(*np.nonzero(changed)):
+      assert any(np.array_equal(np.asarray(bank.feats)[c, s], f) for f in offered)
+    decayed = mb.decay(bank, 0.5)
+    np.testing.assert_array_equal(decayed.feats, bank.feats)
+    bank = decayed

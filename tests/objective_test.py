@@ -54,8 +54,7 @@ def make_semi_state(rng):
   bank_feats = rng.normal(size=(C, 4, D)).astype(np.float32)
   conf = np.array([[0.99, 0.98, 0.9, 0.0], [0.97, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
   filled = conf > 0
-  bank = memory_bank.MemoryBank(feats=jnp.asarray(bank_feats * filled[..., None]), conf=jnp.asarray(conf),
-                                filled=jnp.asarray(filled), fresh=jnp.zeros((C, 4), bool))
+  bank = memory_bank.MemoryBank.from_ranked(bank_feats * filled[..., None], conf, filled, np.zeros((C, 4), bool))
   return semi.replace(bank=bank, class_weight=jnp.asarray([0.5, 0.3, 0.2], jnp.float32),
                       qbar=jnp.asarray(rng.normal(size=(D,)) * 0.1, jnp.float32))
 
@@ -77,7 +76,7 @@ def numpy_objective(logits, logits_b, feats, y, prior, semi, cfg, step):
     has = bank.filled.any(1)
     for c in range(C):
       if has[c]:
-        protos[c] = bank.feats[c][bank.filled[c]].mean(0)
+        protos[c] = np.asarray(memory_bank.ranked_feats(bank))[c][bank.filled[c]].mean(0)
     dist = np.sqrt(((fus1[:, None] - protos[None]) ** 2).sum(-1))
     z = np.where(has[None], -dist / cfg.plce.tau_tar, -np.inf)
     tpc = softmax(z)

@@ -176,8 +176,8 @@ def reference_semi_state(num_classes, feature_dim):
   """The reference's bank (all K slots count, as its prototypes average them all), centre and class weights."""
   bank_feats, bank_conf = REF["bank/memory"], REF["bank/confidences"]
   size = bank_conf.shape[1]
-  bank = memory_bank.MemoryBank(feats=jnp.asarray(bank_feats), conf=jnp.asarray(bank_conf),
-                                filled=jnp.ones((num_classes, size), bool), fresh=jnp.zeros((num_classes, size), bool))
+  bank = memory_bank.MemoryBank.from_ranked(bank_feats, bank_conf, np.ones((num_classes, size), bool),
+                                            np.zeros((num_classes, size), bool))
   epoch_before = int(SETTING["epoch"]) - 1  # the monitor's weights come from the end of the previous epoch
   class_weight = monitor_class_weight(jnp.asarray(REF["semi/label_counts"]), epoch_before, float(SETTING["df"]),
                                       "frequency")

@@ -15,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from semi_jax.models.batch_norm import BatchNorm
+
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 
@@ -30,8 +32,8 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-                                   dtype=self.dtype, name=name)
+    bn = lambda name: BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+                                dtype=self.dtype, name=name)
     conv = lambda ch, k, s, name: nn.Conv(ch, (k, k), (s, s), padding=k // 2 if k > 1 else 0, use_bias=False,
                                           kernel_init=conv_init, dtype=self.dtype, name=name)
     act = lambda y: nn.leaky_relu(y, self.leaky_slope)
@@ -79,8 +81,8 @@ class WideResNet(nn.Module):
         x = BasicBlock(out_ch, stride if i == 0 else 1, activate_before_residual=stage == 0,
                        dropout=self.dropout, bn_momentum=self.bn_momentum, leaky_slope=self.leaky_slope,
                        dtype=self.dtype, name=f"block{stage + 1}_{i}")(x, train)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
-                     name="bn1")(x)
+    x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+                  name="bn1")(x)
     x = nn.leaky_relu(x, self.leaky_slope)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     dense = lambda name: nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=nn.initializers.zeros,
