@@ -27,7 +27,8 @@ from numbers import Real
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import PartitionSpec as P
+
+from semi_jax import sharding
 
 
 @struct.dataclass
@@ -92,10 +93,8 @@ def ranked_feats(bank: MemoryBank) -> jax.Array:
 
 def _unshard_if_explicit(x: jax.Array) -> jax.Array:
   """Replicates ``x`` when it is sharded over an Explicit mesh axis (a no-op for Auto axes)."""
-  sharding = jax.typeof(x).sharding
-  if any(axis is not None for axis in sharding.spec):
-    return jax.sharding.reshard(x, sharding.update(spec=P()))
-  return x
+  target = sharding.explicit_replicated(x)
+  return x if target is None else jax.sharding.reshard(x, target)
 
 
 def _take_rows(values: jax.Array, index: jax.Array) -> jax.Array:

@@ -28,6 +28,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def explicit_replicated(x: jax.Array):
+  """The replicated sharding of `x`'s mesh when `x`'s type is sharded over an Explicit mesh axis, else None.
+
+  Under Explicit axes, sorting along a sharded axis or contracting one in a product needs the result's
+  sharding spelled out; under Auto axes (the type says nothing) XLA decides.
+  """
+  sharding = jax.typeof(x).sharding
+  return sharding.update(spec=P()) if any(axis is not None for axis in sharding.spec) else None
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 

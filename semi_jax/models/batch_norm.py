@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
+
+from semi_jax import sharding
 
 REDUCTIONS = ("auto", "matmul", "reduce")
 _HIGHEST = lax.Precision.HIGHEST  # full float32 products on TPU too (its default would round to bfloat16)
@@ -34,17 +35,10 @@ def _resolve(reduction: str) -> str:
   return reduction
 
 
-def _replicated_if_explicit(a):
-  """A replicated sharding on `a`'s mesh when `a` is sharded over an Explicit mesh axis (a product that
-  contracts such an axis must be told how to shard its result), else None (Auto axes: XLA decides)."""
-  sharding = jax.typeof(a).sharding
-  return sharding.update(spec=P()) if any(axis is not None for axis in sharding.spec) else None
-
-
 def _channel_sum(a, reduction: str):
   """Sum over the rows of a [M, C] array."""
   if reduction == "matmul":
-    out_sharding = _replicated_if_explicit(a)
+    out_sharding = sharding.explicit_replicated(a)
     ones = jnp.ones((1, a.shape[0]), a.dtype, device=out_sharding)
     return lax.dot_general(ones, a, (((1,), (0,)), ((), ())), precision=_HIGHEST, out_sharding=out_sharding)[0]
   return jnp.sum(a, axis=0)
@@ -56,7 +50,7 @@ def _channel_sum_of_products(a, b, reduction: str):
     # The diagonal of a^T b: C times the FLOPs of the elementwise product, but a single read of a and b by a
     # matrix-multiply kernel, which on CPU beats materialising a * b and reducing it.
     return jnp.diagonal(lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST,
-                                        out_sharding=_replicated_if_explicit(a)))
+                                        out_sharding=sharding.explicit_replicated(a)))
   return jnp.sum(a * b, axis=0)
 
 
