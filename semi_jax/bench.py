@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10_lt
-from semi_jax import memory_bank, sharding
+from semi_jax import host_malloc, memory_bank, sharding
 from semi_jax.models import create_model
 from semi_jax.state import create_train_state, make_optimizer
 from semi_jax.train_step import StepContext, eval_step, train_step
@@ -57,9 +57,11 @@ def _median_ms(seconds: list[float]) -> float:
   return 1000.0 * statistics.median(seconds)
 
 
-def _flops(compiled) -> float | None:
-  """FLOPs of one call according to XLA's cost model (None where the backend gives none)."""
-  cost = compiled.cost_analysis()
+def _flops(lowered) -> float | None:
+  """FLOPs of one call according to XLA's cost model of the program as written (None where the backend gives
+  none). The lowered, not the compiled program: XLA:CPU hands convolutions to oneDNN as custom calls, which its
+  cost model of the compiled program does not count."""
+  cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   if not cost or "flops" not in cost:
@@ -91,10 +93,10 @@ def _train_batch(rng: np.random.Generator, config, num_classes: int) -> dict:
 def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
   """Runs `run_step()` once under the JAX profiler and sums the traced XLA op time by op kind.
 
-  XLA names its ops `<kind>.<n>` (e.g. `wrapped_reduce-window.85`); the numbers are dropped and the time of
-  each kind summed over every thread that ran XLA work. On CPU, Eigen convolutions hand their work to a
-  thread pool whose time is not attributed to the op, so it shows up as the gap between the step's wall time
-  times the threads and the attributed total.
+  XLA names its ops `<kind>.<n>` (e.g. `wrapped_reduce-window.85`, `custom-call.78.clone__onednn$convolution`);
+  the numbers (and `.clone`) are dropped and the time of each kind summed over every thread that ran XLA work.
+  On CPU, Eigen convolutions hand their work to a thread pool whose time is not attributed to the op, so it
+  shows up as the gap between the step's wall time times the threads and the attributed total.
   """
   with jax.profiler.trace(trace_dir):
     start = time.perf_counter()
@@ -110,7 +112,7 @@ def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
         continue
       for event in line.events:
         if not event.name.startswith("ThunkExecutor"):
-          by_kind[re.sub(r"[.\d]+$", "", event.name)] += event.duration_ns / 1e6
+          by_kind[re.sub(r"\.(?:\d+|clone)(?=[._]|$)", "", event.name)] += event.duration_ns / 1e6
   return {"trace_dir": trace_dir, "step_wall_ms": wall_ms, "attributed_ms": sum(by_kind.values()),
           "top_op_kinds_ms": dict(by_kind.most_common(top))}
 
@@ -134,7 +136,8 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profil
   step = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0, out_shardings=(repl, repl))
 
   start = time.perf_counter()
-  compiled = step.lower(state, batches[0], step_rng).compile()
+  lowered = step.lower(state, batches[0], step_rng)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   times, cpu_times = [], []
   for i in range(WARMUP_STEPS + steps):
@@ -157,7 +160,7 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profil
   t = config.train
   images = t.batch_size * (1 + 3 * t.mu)
   ms = _median_ms(times)
-  flops = _flops(compiled)
+  flops = _flops(lowered)
   return {"algo": config.ssl.algo, "compile_s": compile_s, "median_ms": ms, "min_ms": 1000.0 * min(times),
           "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
           "steps": len(times),
@@ -247,7 +250,7 @@ def environment() -> dict:
   return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
           "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
           "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": host_malloc.status}
 
 
 def _jaxlib_version() -> str:
@@ -287,7 +290,7 @@ def format_report(result: dict) -> str:
   env = result["environment"]
   lines = [f"jax {env['jax']} (jaxlib {env['jaxlib']}), {env['device_count']} x {env['device_kind']} "
            f"({env['backend']}), {env['cpu_count']} CPUs, dtype {result['dtype']}, "
-           f"XLA_FLAGS={env['xla_flags'] or '(none)'}", "",
+           f"XLA_FLAGS={env['xla_flags'] or '(none)'}, malloc: {env['host_malloc']}", "",
            "Wall-clock times; 'CPU ms' is the process's CPU time per call (all threads), which other load on the "
            "machine inflates much less.", "",
            f"{'train step':<12}{'compile s':>10}{'median ms':>11}{'min ms':>9}{'CPU ms':>9}{'images/s':>10}"
@@ -325,6 +328,7 @@ def format_report(result: dict) -> str:
 
 
 def main(argv=None) -> None:
+  host_malloc.apply()  # as `semi_jax.main` does, before JAX starts its threads
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="bench.json", help="JSON output file")
   parser.add_argument("--steps", type=int, default=20, help="timed train steps per algorithm, after warm-up")

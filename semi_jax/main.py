@@ -30,13 +30,16 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from semi_jax import host_malloc
+  host_malloc.apply()  # before TensorFlow and JAX start their threads
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: keep every accelerator for JAX
   import jax
   from semi_jax import config_validation, distributed, train
   distributed.maybe_initialize()
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s); malloc: %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
+               host_malloc.status)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FloatingPointError) as e:

@@ -1,19 +1,23 @@
 """XLA flags semi_jax sets by default, before JAX starts its backends.
 
-XLA:CPU of the pinned jaxlib hands matrix products to YNNPACK by default; on the x86 CPUs measured (2-core
-AVX-512 VMs) its kernels ran this model's products and convolution gradients slower than XLA's Eigen path: the
-WRN-28-2 SeMi train step took 4.1 s with YNNPACK and 3.0 s without (`python -m semi_jax.bench`). The flag only
-affects the CPU backend.
+Both concern XLA:CPU only and were chosen by timing the WRN-28-2 SeMi train step (`python -m semi_jax.bench`)
+on 2-core x86-64 AVX-512 VMs:
+- `--xla_cpu_experimental_ynn_fusion_type=` turns YNNPACK off: the pinned jaxlib hands it matrix products and
+  convolutions by default, and its kernels ran this model's products and convolution gradients slower than
+  XLA's Eigen path (4.1 s vs 3.0 s per step).
+- `--xla_cpu_experimental_onednn_custom_call=true` runs convolutions with oneDNN: 1.5-2.5x faster than Eigen
+  for the forward and input-gradient convolutions. XLA's kernel-gradient convolution is the one shape oneDNN
+  runs slower; `semi_jax/models/conv.py` keeps it on Eigen.
 
 A flag is appended to XLA_FLAGS only when XLA_FLAGS does not name it already, so a user's own setting wins:
-e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot puts YNNPACK's products back. Flags are
-read when JAX creates its first backend; importing semi_jax after that leaves them without effect.
+e.g. XLA_FLAGS=--xla_cpu_experimental_onednn_custom_call=false goes back to Eigen convolutions. Flags are read
+when JAX creates its first backend; importing semi_jax after that leaves them without effect.
 """
 from __future__ import annotations
 
 import os
 
-DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_experimental_onednn_custom_call=true")
 
 
 def with_defaults(xla_flags: str) -> str:

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from semi_jax.models.batch_norm import BatchNorm
+from semi_jax.models.conv import Conv
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
@@ -34,8 +35,8 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train: bool):
     bn = lambda name: BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
                                 dtype=self.dtype, name=name)
-    conv = lambda ch, k, s, name: nn.Conv(ch, (k, k), (s, s), padding=k // 2 if k > 1 else 0, use_bias=False,
-                                          kernel_init=conv_init, dtype=self.dtype, name=name)
+    conv = lambda ch, k, s, name: Conv(ch, (k, k), (s, s), padding=k // 2, kernel_init=conv_init, dtype=self.dtype,
+                                       name=name)
     act = lambda y: nn.leaky_relu(y, self.leaky_slope)
     equal_in_out = x.shape[-1] == self.out_channels
     if equal_in_out:
@@ -74,8 +75,7 @@ class WideResNet(nn.Module):
     n = (self.depth - 4) // 6
     channels = (16, 16 * self.width, 32 * self.width, 64 * self.width)
     x = x.astype(self.dtype)
-    x = nn.Conv(channels[0], (3, 3), padding=1, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                name="conv1")(x)
+    x = Conv(channels[0], (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype, name="conv1")(x)
     for stage, (out_ch, stride) in enumerate(zip(channels[1:], (1, 2, 2))):
       for i in range(n):
         x = BasicBlock(out_ch, stride if i == 0 else 1, activate_before_residual=stage == 0,
