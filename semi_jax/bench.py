@@ -328,7 +328,10 @@ def format_report(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-  host_malloc.apply()  # as `semi_jax.main` does, before JAX starts its threads
+  try:
+    host_malloc.apply()  # as `semi_jax.main` does, before JAX starts its threads
+  except ValueError as e:
+    raise SystemExit(f"semi_jax.bench: bad environment: {e}") from None
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="bench.json", help="JSON output file")
   parser.add_argument("--steps", type=int, default=20, help="timed train steps per algorithm, after warm-up")

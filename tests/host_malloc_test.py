@@ -78,3 +78,15 @@ def test_a_large_freed_buffer_is_reused_without_page_faults(switch):
   else:
     assert lines["STATUS"] == "glibc defaults: SEMI_JAX_HOST_MALLOC=default"
     assert int(lines["FAULTS"]) > pages // 2  # glibc unmapped it: every page faults in again
+
+
+@pytest.mark.parametrize("module", ["semi_jax.main", "semi_jax.bench"])
+def test_entry_points_report_a_bad_switch_in_one_line(module, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, SEMI_JAX_HOST_MALLOC="on", PYTHONPATH=root)
+  args = ["--config=configs/test.py", f"--workdir={tmp_path}"] if module == "semi_jax.main" else ["--quick"]
+  r = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode != 0
+  assert "bad environment: SEMI_JAX_HOST_MALLOC must be 'auto' or 'default', got 'on'" in r.stderr
+  assert "Traceback" not in r.stderr
