@@ -91,12 +91,6 @@ def ranked_feats(bank: MemoryBank) -> jax.Array:
   return _take_rows(bank.feats, bank.slot)
 
 
-def _unshard_if_explicit(x: jax.Array) -> jax.Array:
-  """Replicates ``x`` when it is sharded over an Explicit mesh axis (a no-op for Auto axes)."""
-  target = sharding.explicit_replicated(x)
-  return x if target is None else jax.sharding.reshard(x, target)
-
-
 def _take_rows(values: jax.Array, index: jax.Array) -> jax.Array:
   """``values[c, index[c, m]]`` for every c, m: like take_along_axis(axis=1) with trailing axes kept.
 
@@ -169,7 +163,8 @@ def push(bank: MemoryBank, feats: jax.Array, conf: jax.Array, labels: jax.Array,
   for name, value in (("conf", conf), ("labels", labels), ("valid", valid)):
     if jnp.shape(value) != (n,):
       raise ValueError(f"push: {name} must have shape ({n},) like feats' batch axis, got {jnp.shape(value)}.")
-  feats, conf, labels, valid = (_unshard_if_explicit(jnp.asarray(v)) for v in (feats, conf, labels, valid))
+  feats, conf, labels, valid = (sharding.unshard_if_explicit(jnp.asarray(v))
+                               for v in (feats, conf, labels, valid))
 
   conf = conf.astype(jnp.float32)
   labels = labels.astype(jnp.int32)

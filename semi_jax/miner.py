@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+
+from semi_jax import sharding
 
 MODES = ("entropy", "rank")
 
@@ -36,14 +37,6 @@ class MinerOutput(NamedTuple):
   entropy: jax.Array
   rank: jax.Array
   is_hard: jax.Array
-
-
-def _unshard_if_explicit(x: jax.Array) -> jax.Array:
-  """Replicates ``x`` when it is sharded over an Explicit mesh axis (a no-op for Auto axes)."""
-  sharding = jax.typeof(x).sharding
-  if any(axis is not None for axis in sharding.spec):
-    return jax.sharding.reshard(x, sharding.update(spec=P()))
-  return x
 
 
 def normalized_entropy(probs: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -76,12 +69,12 @@ def entropy_rank(entropy: jax.Array, valid: jax.Array | None = None) -> jax.Arra
   if entropy.ndim != 1:
     raise ValueError(f"entropy_rank: entropy must be 1-D [N], got shape {entropy.shape}.")
   n = entropy.shape[0]
-  entropy = _unshard_if_explicit(entropy)
+  entropy = sharding.unshard_if_explicit(entropy)
   index = jnp.arange(n, dtype=jnp.int32)
   if valid is None:
     _, order = jax.lax.sort((-entropy, index), num_keys=1, is_stable=True)
   else:
-    invalid = ~_unshard_if_explicit(_check_valid(valid, n, "entropy_rank")).astype(bool)
+    invalid = ~sharding.unshard_if_explicit(_check_valid(valid, n, "entropy_rank")).astype(bool)
     _, _, order = jax.lax.sort((invalid, -entropy, index), num_keys=2, is_stable=True)
   # order is a permutation, so this scatter has no duplicate indices.
   return jnp.zeros(n, jnp.int32).at[order].set(index, unique_indices=True)

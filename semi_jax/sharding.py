@@ -38,6 +38,12 @@ def explicit_replicated(x: jax.Array):
   return sharding.update(spec=P()) if any(axis is not None for axis in sharding.spec) else None
 
 
+def unshard_if_explicit(x: jax.Array) -> jax.Array:
+  """Replicates `x` when it is sharded over an Explicit mesh axis (a no-op for Auto axes)."""
+  target = explicit_replicated(x)
+  return x if target is None else jax.sharding.reshard(x, target)
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
