@@ -22,17 +22,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from semi_jax import sharding
+from semi_jax.models import cpu_paths
 
 REDUCTIONS = ("auto", "matmul", "reduce")
 _HIGHEST = lax.Precision.HIGHEST  # full float32 products on TPU too (its default would round to bfloat16)
 
 
 def _resolve(reduction: str) -> str:
-  if reduction not in REDUCTIONS:
-    raise ValueError(f"BatchNorm reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-  if reduction == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "reduce"
-  return reduction
+  return cpu_paths.resolve("BatchNorm reduction", reduction, REDUCTIONS, on_cpu="matmul", elsewhere="reduce")
 
 
 def _channel_sum(a, reduction: str):

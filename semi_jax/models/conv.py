@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from semi_jax import sharding
+from semi_jax.models import cpu_paths
 
 WEIGHT_GRADS = ("auto", "reversed", "autodiff")
 IMAGES_PER_CHUNK = 16  # images per kernel-gradient convolution (see `_kernel_grad`)
@@ -31,11 +32,7 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def _resolve(weight_grad: str) -> str:
-  if weight_grad not in WEIGHT_GRADS:
-    raise ValueError(f"Conv weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}.")
-  if weight_grad == "auto":
-    return "reversed" if jax.default_backend() == "cpu" else "autodiff"
-  return weight_grad
+  return cpu_paths.resolve("Conv weight_grad", weight_grad, WEIGHT_GRADS, on_cpu="reversed", elsewhere="autodiff")
 
 
 def _conv(x, kernel, strides, padding):
