@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from semi_jax.models.conv import Conv, _chunk_count, conv_reversed_weight_grad
+from semi_jax.models.conv import Conv, _chunk_count, _input_grad_by_phase, conv_reversed_weight_grad
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ print("COUNTS", counts)
 
 def test_with_the_default_flags_onednn_runs_forward_and_input_gradient_and_eigen_the_kernel_gradient():
   """The point of the module, in the configuration users run (full optimisation, semi_jax's XLA flags): oneDNN
-  computes the forward and the (stride-1) input-gradient convolutions, XLA's own (Eigen) convolution the kernel
+  computes the forward and the input-gradient convolutions (strided ones too), XLA's own (Eigen) convolution the kernel
   gradient, and all three still match float64 numpy."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -154,8 +154,25 @@ def test_with_the_default_flags_onednn_runs_forward_and_input_gradient_and_eigen
   assert len(counts) == 1, result.stdout
   counts = ast.literal_eval(counts[0].removeprefix("COUNTS "))  # [(forward, input grad, kernel grad)] per shape
   assert [forward for forward, _, _ in counts] == [1, 1, 1, 1]
-  assert counts[0][1] == 1  # stride 1 (XLA keeps the strided input gradient, a dilated convolution, on Eigen)
+  # One convolution at stride 1; at stride 2 one per phase of the input grid (a 3x3 kernel reaches all four).
+  assert [input_grad for _, input_grad, _ in counts] == [1, 4, 4, 1]
   assert [kernel_grad for _, _, kernel_grad in counts] == [0, 0, 0, 0]
+
+
+# (height, width, kernel, stride, padding): odd and even sizes, strides 2 and 3, a kernel smaller than the stride
+# (phases no tap reaches), padding larger than the stride, and input rows the strided forward never reads.
+@pytest.mark.parametrize("height,width,kernel,stride,pad", [
+    (8, 8, 3, 2, 1), (9, 7, 3, 2, 1), (8, 6, 1, 2, 0), (10, 11, 3, 3, 1), (7, 7, 1, 3, 0), (9, 9, 5, 2, 2),
+    (12, 12, 3, 2, 0), (6, 9, 2, 3, 3), (3, 3, 3, 2, 1)])
+def test_strided_input_gradient_by_phase_matches_autodiff(height, width, kernel, stride, pad):
+  rng = np.random.default_rng(height * 100 + width)
+  x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+  strides, padding = (stride, stride), ((pad, pad), (pad, pad))
+  conv = lambda x: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y, vjp = jax.vjp(conv, x)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  np.testing.assert_allclose(_input_grad_by_phase(g, w, x.shape, strides, padding), vjp(g)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_gradient_groups_have_at_least_sixteen_images():

@@ -11,7 +11,10 @@ operand is a `reverse`, so with `weight_grad='reversed'` the backward pass write
 correlation with the twice-flipped output gradient: the same numbers, which XLA fuses into the layout copy it
 makes anyway, and which keeps that one convolution on Eigen. It is also split over groups of 16 images (see
 `_kernel_grad`), at the price of more convolutions to compile (the WRN-28-2 train step compiles in about 14 s
-instead of 8 s). `'auto'` does this on CPU only; GPU and TPU use JAX's own transpose rules (`'autodiff'`).
+instead of 8 s). The input gradient of a strided convolution is written as one stride-1 convolution per phase
+of the input grid (`_input_grad_by_phase`), which oneDNN runs, instead of XLA's convolution over a zero-dilated
+gradient, which stays on Eigen. `'auto'` does both on CPU only; GPU and TPU use JAX's own transpose rules
+(`'autodiff'`).
 """
 from __future__ import annotations
 
@@ -93,10 +96,53 @@ def _kernel_grad(x, g, kernel_shape, strides, padding):
   return total
 
 
+def _phase_taps(size: int, stride: int, low: int, phase: int) -> tuple[list[int], int]:
+  """Kernel taps (in correlation order) that reach input positions `stride * m + phase`, and the offset into g
+  of the first: x[stride * m + phase] receives g[m + offset + j] * kernel[taps[j]] for every j (1-D)."""
+  taps = sorted((a for a in range(size) if (phase + low - a) % stride == 0), reverse=True)
+  return taps, ((phase + low - taps[0]) // stride if taps else 0)
+
+
+def _input_grad_by_phase(g, kernel, x_shape, strides, padding):
+  """Input gradient of a strided convolution as stride-1 convolutions, one per phase of the input grid.
+
+  XLA writes it as one convolution over g dilated by the stride (zeros between its rows and columns). XLA:CPU
+  does not give that to oneDNN, and Eigen multiplies the zeros too. Split by the input position's remainder
+  modulo the stride instead: each phase is a plain convolution of g with the kernel taps that reach it (for a
+  3x3 kernel at stride 2: 1x1, 1x2, 2x1 and 2x2 sub-kernels, 9 taps in all, no multiplication by a dilation
+  zero), which oneDNN runs; padding with interior zeros puts each phase back in place, fused into their sum.
+  """
+  _, height, width, _ = x_shape
+  total = None
+  for row in range(strides[0]):
+    row_taps, row_offset = _phase_taps(kernel.shape[0], strides[0], padding[0][0], row)
+    rows = -(-(height - row) // strides[0])  # input rows of this phase
+    for col in range(strides[1]):
+      col_taps, col_offset = _phase_taps(kernel.shape[1], strides[1], padding[1][0], col)
+      cols = -(-(width - col) // strides[1])
+      if not (row_taps and col_taps and rows > 0 and cols > 0):
+        continue  # no tap reaches this phase: its gradient is zero
+      # [taps_h, taps_w, out channels, in channels]: gathered tap by tap, not as a reverse of the kernel (XLA
+      # keeps a convolution whose kernel is a reverse off oneDNN).
+      sub_kernel = jnp.stack([jnp.stack([kernel[a, b] for b in col_taps]) for a in row_taps]).transpose(0, 1, 3, 2)
+      pads = [(-offset, count - 1 + offset + len(taps) - size)
+              for offset, count, taps, size in ((row_offset, rows, row_taps, g.shape[1]),
+                                                (col_offset, cols, col_taps, g.shape[2]))]
+      phase = _conv(g, sub_kernel, (1, 1), pads)
+      placed = lax.pad(phase, jnp.zeros((), phase.dtype),
+                       [(0, 0, 0), (row, height - row - (rows - 1) * strides[0] - 1, strides[0] - 1),
+                        (col, width - col - (cols - 1) * strides[1] - 1, strides[1] - 1), (0, 0, 0)])
+      total = placed if total is None else total + placed
+  return jnp.zeros(x_shape, g.dtype) if total is None else total
+
+
 def _backward(strides, padding, residuals, g):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, padding), x)
-  (g_x,) = input_vjp(g)
+  if strides == (1, 1):
+    _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, padding), x)
+    (g_x,) = input_vjp(g)
+  else:
+    g_x = _input_grad_by_phase(g, kernel, x.shape, strides, padding)
   g_kernel = _kernel_grad(x, g, kernel.shape, strides, padding)
   return g_x, g_kernel.astype(kernel.dtype)
 
