@@ -38,6 +38,7 @@ BANK_SIZES = ((10, 128, 128), (100, 128, 512), (127, 128, 1024))
 QUICK_BANK_SIZES = ((10, 8, 16), (20, 8, 32))
 FEATURE_DIM = 128
 WARMUP_STEPS = 2
+STEP_SEED = 1  # the train step's rng key
 
 
 def bench_config(algo: str, quick: bool, dtype: str = "float32"):
@@ -117,28 +118,34 @@ def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
           "top_op_kinds_ms": dict(by_kind.most_common(top))}
 
 
-def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profile_dir: str | None = None) -> dict:
-  """Compile time and per-step times of the jitted, state-donating train step (after the warm-up); with
-  `profile_dir`, one more step is traced there and summarised (see `profile_step`)."""
+def compiled_train_step(config, num_classes: int = 10, mesh=None):
+  """The jitted, state-donating train step of `config`, compiled, with its initial state and two batches.
+
+  Returns (compiled, state, batches, lowered, compile_s). The state's step counter is past the warm-up epochs, so
+  that every SeMi term is live (their cost is paid either way: the warm-up switches are selects, not branches).
+  """
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   repl = sharding.replicated(mesh)
   ctx = _context(config, num_classes)
   init = functools.partial(create_train_state, ctx.model, ctx.tx, image_size=config.data.image_size,
                            num_classes=num_classes, bank_size=config.bank.size)
   state = jax.jit(init, out_shardings=repl)(jax.random.key(0))
-  # Past the warm-up epochs, so that every SeMi term is live (their cost is paid either way: the
-  # warm-up switches are selects, not branches).
   past_warmup = config.train.steps_per_epoch * (config.ssl.est_epoch + 1)
   state = state.replace(step=jax.device_put(jnp.asarray(past_warmup, jnp.int32), repl))
   rng = np.random.default_rng(0)
   batches = [sharding.to_global(_train_batch(rng, config, num_classes), mesh) for _ in range(2)]
-  step_rng = jax.random.key(1)
   step = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0, out_shardings=(repl, repl))
-
   start = time.perf_counter()
-  lowered = step.lower(state, batches[0], step_rng)
+  lowered = step.lower(state, batches[0], jax.random.key(STEP_SEED))
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
+  return compiled, state, batches, lowered, time.perf_counter() - start
+
+
+def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profile_dir: str | None = None) -> dict:
+  """Compile time and per-step times of the jitted, state-donating train step (after the warm-up); with
+  `profile_dir`, one more step is traced there and summarised (see `profile_step`)."""
+  compiled, state, batches, lowered, compile_s = compiled_train_step(config, num_classes, mesh)
+  step_rng = jax.random.key(STEP_SEED)
   times, cpu_times = [], []
   for i in range(WARMUP_STEPS + steps):
     start, cpu_start = time.perf_counter(), time.process_time()
