@@ -2,6 +2,7 @@
 
   python -m semi_jax.bench [--out=bench.json] [--steps=20] [--quick] [--algos=semi,acr,fixmatch]
                            [--dtype=float32] [--bank_calls=200] [--input_seconds=5] [--profile=DIR]
+                           [--peak_tflops=T]
 
 The default setting is the paper's CIFAR-10-LT step: WRN-28-2, labeled batch 64, mu=1 (64 labeled + 3 x 64
 unlabeled views = 256 images per forward pass), 10 classes, 32x32. `--quick` shrinks everything (WRN-10-1, 8x8,
@@ -266,18 +267,28 @@ def _jaxlib_version() -> str:
 
 
 def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"), dtype: str = "float32",
-        bank_calls: int = 200, input_seconds: float = 5.0, profile_dir: str | None = None) -> dict:
-  """Runs every measurement and returns them as one JSON-serialisable dict."""
+        bank_calls: int = 200, input_seconds: float = 5.0, profile_dir: str | None = None,
+        peak_tflops: float | None = None) -> dict:
+  """Runs every measurement and returns them as one JSON-serialisable dict.
+
+  With `peak_tflops` (the device's peak for the dtype in use, e.g. the tensor-core peak for bfloat16), every
+  train step also gets `fraction_of_peak`: its GFLOP/s (from XLA's FLOP count of the program) over that peak.
+  """
+  if peak_tflops is not None and not peak_tflops > 0:
+    raise ValueError(f"peak_tflops must be > 0 (the device's peak TFLOP/s for {dtype}), got {peak_tflops}.")
   if steps < 1:
     raise ValueError(f"steps must be >= 1 (timed train steps after {WARMUP_STEPS} warm-up steps), got {steps}.")
   if bank_calls < 1:
     raise ValueError(f"bank_calls must be >= 1, got {bank_calls}.")
   if not algos:
     raise ValueError("algos is empty; name at least one of semi, acr, fixmatch, fixmatch_la.")
-  result = {"environment": environment(), "quick": quick, "dtype": dtype, "train_step": {}}
+  result = {"environment": environment(), "quick": quick, "dtype": dtype, "peak_tflops": peak_tflops,
+            "train_step": {}}
   for i, algo in enumerate(algos):  # only the first algorithm's step is profiled
-    result["train_step"][algo] = time_train_step(bench_config(algo, quick, dtype), steps,
-                                                 profile_dir=profile_dir if i == 0 else None)
+    r = time_train_step(bench_config(algo, quick, dtype), steps, profile_dir=profile_dir if i == 0 else None)
+    if peak_tflops is not None and r["gflop_per_s"] is not None:
+      r["fraction_of_peak"] = r["gflop_per_s"] / (1000.0 * peak_tflops)
+    result["train_step"][algo] = r
   ts = result["train_step"]
   if "semi" in ts:
     result["semi_extra_pct_of_step"] = {
@@ -307,6 +318,10 @@ def format_report(result: dict) -> str:
     lines.append(f"{algo:<12}{r['compile_s']:>10.1f}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}"
                  f"{r['cpu_ms']:>9.1f}{r['images_per_s']:>10.1f}{fmt(r['gflop_per_step'], '8.1f')}"
                  f"{fmt(r['gflop_per_s'], '9.1f')}")
+  for algo, r in result["train_step"].items():
+    if "fraction_of_peak" in r:
+      lines.append(f"{algo}: {100.0 * r['fraction_of_peak']:.1f}% of the given peak of {result['peak_tflops']:g} "
+                   f"TFLOP/s")
   for base, pct in result.get("semi_extra_pct_of_step", {}).items():
     lines.append(f"SeMi extra cost over {base}: {pct:.1f}% of the SeMi step")
   for algo, r in result["train_step"].items():
@@ -351,10 +366,13 @@ def main(argv=None) -> None:
   parser.add_argument("--profile", default="", metavar="DIR",
                       help="trace one step of the first algorithm with the JAX profiler into DIR (TensorBoard "
                            "format) and print the op kinds that took the most time")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="the device's peak TFLOP/s for --dtype (e.g. 989 for an H100 SXM's dense bfloat16 "
+                           "tensor cores): adds each train step's fraction of it")
   args = parser.parse_args(argv)
   result = run(steps=args.steps, quick=args.quick, algos=tuple(a for a in args.algos.split(",") if a),
                dtype=args.dtype, bank_calls=args.bank_calls, input_seconds=args.input_seconds,
-               profile_dir=args.profile or None)
+               profile_dir=args.profile or None, peak_tflops=args.peak_tflops)
   print(format_report(result))
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

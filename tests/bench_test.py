@@ -51,3 +51,16 @@ def test_rejects_bad_arguments():
     bench.run(steps=0, quick=True)
   with pytest.raises(ValueError, match="algos"):
     bench.run(steps=1, quick=True, algos=())
+
+
+def test_fraction_of_a_given_peak(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  bench.main(["--quick", "--steps=1", "--algos=semi", "--bank_calls=1", "--input_seconds=0", "--peak_tflops=0.5",
+              f"--out={out}"])
+  result = json.loads(out.read_text())
+  r = result["train_step"]["semi"]
+  assert result["peak_tflops"] == 0.5
+  assert math.isclose(r["fraction_of_peak"], r["gflop_per_s"] / 500.0, rel_tol=1e-12)
+  assert f"semi: {100 * r['fraction_of_peak']:.1f}% of the given peak of 0.5 TFLOP/s" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="peak_tflops must be > 0"):
+    bench.run(steps=1, quick=True, peak_tflops=0)
