@@ -22,6 +22,8 @@ Modes:
 
 Inputs are random tensors of CIFAR's shapes and dtypes, drawn before the clock starts.
 """
+from __future__ import annotations
+
 import argparse
 import ast
 import importlib.machinery
