@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from semi_jax.models.conv import Conv, _chunk_count, _input_grad_by_phase, conv_reversed_weight_grad
+from semi_jax.models.conv import (Conv, _chunk_count, _input_grad_by_phase, _kernel_grad_by_phase,
+                                  conv_reversed_weight_grad)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -173,6 +174,21 @@ def test_strided_input_gradient_by_phase_matches_autodiff(height, width, kernel,
   y, vjp = jax.vjp(conv, x)
   g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
   np.testing.assert_allclose(_input_grad_by_phase(g, w, x.shape, strides, padding), vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("height,width,kernel,stride,pad", [
+    (8, 8, 1, 2, 0), (9, 7, 1, 2, 0), (7, 7, 1, 3, 0), (8, 8, 3, 2, 1), (10, 11, 3, 3, 1), (9, 9, 5, 2, 2),
+    (6, 9, 2, 3, 3)])
+def test_strided_kernel_gradient_by_phase_matches_autodiff(height, width, kernel, stride, pad):
+  rng = np.random.default_rng(height * 100 + width + kernel)
+  x = jnp.asarray(rng.normal(size=(34, height, width, 3)), jnp.float32)  # 2 groups of 17 images
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+  strides, padding = (stride, stride), ((pad, pad), (pad, pad))
+  conv = lambda w: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y, vjp = jax.vjp(conv, w)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  np.testing.assert_allclose(_kernel_grad_by_phase(x, g, w.shape, strides, padding), vjp(g)[0], rtol=1e-5,
+                             atol=1e-4)
 
 
 def test_kernel_gradient_groups_have_at_least_sixteen_images():
