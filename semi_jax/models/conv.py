@@ -14,8 +14,8 @@ makes anyway, and which keeps that one convolution on Eigen. It is also split ov
 instead of 8 s). The input gradient of a strided convolution is written as one stride-1 convolution per phase
 of the input grid (`_input_grad_by_phase`), which oneDNN runs, instead of XLA's convolution over a zero-dilated
 gradient, which stays on Eigen; when the kernel is no larger than the stride (the strided 1x1 shortcut), the
-kernel gradient is split the same way (`_kernel_grad_by_phase`). `'auto'` does all this on CPU only; GPU and TPU use JAX's own transpose rules
-(`'autodiff'`).
+kernel gradient is split the same way (`_kernel_grad_by_phase`). `'auto'` does all this on CPU only; GPU and
+TPU use JAX's own transpose rules (`'autodiff'`).
 """
 from __future__ import annotations
 
