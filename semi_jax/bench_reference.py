@@ -41,7 +41,11 @@ class Worker:
     self._stderr = tempfile.TemporaryFile(mode="w+")
     self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                   text=True, env=env)
-    self.info = json.loads(self._read(READY) or "{}")
+    try:
+      self.info = json.loads(self._read(READY) or "{}")
+    except BaseException:
+      self.close()
+      raise
 
   def _read(self, prefix: str) -> str:
     """The rest of the next stdout line that starts with `prefix`; other lines are the worker's own output."""
@@ -65,12 +69,21 @@ class Worker:
 
   def close(self) -> None:
     if self._proc.poll() is None:
-      self._proc.stdin.close()
+      try:
+        self._proc.stdin.close()  # the worker's loop ends at the end of its stdin
+      except BrokenPipeError:
+        pass
       try:
         self._proc.wait(timeout=60)
       except subprocess.TimeoutExpired:
         self._proc.kill()
-    self._stderr.close()
+        self._proc.wait()
+    for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
+      if not stream.closed:
+        try:
+          stream.close()
+        except BrokenPipeError:
+          pass
 
 
 def alternate(workers: dict[str, Worker], rounds: int) -> dict[str, list[float]]:

@@ -40,7 +40,7 @@ def test_alternate_rotates_the_order_and_summarise_gives_the_ratios(tmp_path):
     for w in workers.values():
       w.close()
   assert times == {"semi_jax": [10.0] * 4, "reference_full": [20.0] * 4, "reference_core": [8.0] * 4}
-  order = open(log).read().split()
+  order = (tmp_path / "order.txt").read_text().split()
   s, f, c = "semi_jax", "reference_full", "reference_core"
   assert order == [s, f, c, f, c, s, c, s, f, s, f, c]  # round r starts with worker r mod 3
   result = br.summarise(times)
