@@ -350,10 +350,7 @@ def format_report(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-  try:
-    host_malloc.apply()  # as `semi_jax.main` does, before JAX starts its threads
-  except ValueError as e:
-    raise SystemExit(f"semi_jax.bench: bad environment: {e}") from None
+  host_malloc.apply_or_exit("semi_jax.bench")  # as `semi_jax.main` does, before JAX starts its threads
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="bench.json", help="JSON output file")
   parser.add_argument("--steps", type=int, default=20, help="timed train steps per algorithm, after warm-up")

@@ -127,7 +127,7 @@ def format_report(result: dict, ours: str = OURS) -> str:
 def jax_worker(algo: str, quick: bool) -> None:
   """The semi_jax side of the protocol: one compiled train step per line on stdin."""
   from semi_jax import host_malloc
-  host_malloc.apply()  # before JAX starts its threads, as semi_jax.bench does
+  host_malloc.apply_or_exit("semi_jax.bench_reference")  # before JAX starts its threads, as semi_jax.bench does
   import jax
   from semi_jax import bench
 

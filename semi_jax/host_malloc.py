@@ -84,3 +84,11 @@ def apply() -> str:
     reason = f"mallopt refused parameters {failed}" if failed else None
   status = "one arena, no mmap, no trim" if reason is None else f"glibc defaults: {reason}"
   return status
+
+
+def apply_or_exit(program: str) -> str:
+  """`apply()` for a command-line entry point: a bad switch ends `program` with one line naming it."""
+  try:
+    return apply()
+  except ValueError as e:
+    raise SystemExit(f"{program}: bad environment: {e}") from None

@@ -31,10 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from semi_jax import host_malloc
-  try:
-    host_malloc.apply()  # before TensorFlow and JAX start their threads
-  except ValueError as e:
-    sys.exit(f"semi_jax: bad environment: {e}")
+  host_malloc.apply_or_exit("semi_jax")  # before TensorFlow and JAX start their threads
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: keep every accelerator for JAX
   import jax

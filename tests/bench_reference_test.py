@@ -2,6 +2,7 @@
 reference worker's extraction of the training-loop body, and the errors for bad paths and broken workers.
 torch is not needed: the reference worker's torch part only runs where torch and the reference code are."""
 import ast
+import os
 import sys
 import textwrap
 
@@ -93,6 +94,15 @@ def test_the_semi_jax_worker_runs_compiled_steps():
   finally:
     worker.close()
   assert all(t > 0 for t in times)
+
+
+def test_a_bad_malloc_switch_ends_the_semi_jax_worker_with_one_line():
+  env = dict(os.environ, SEMI_JAX_HOST_MALLOC="on")
+  with pytest.raises(br.WorkerError) as raised:
+    br.Worker("semi_jax", [sys.executable, "-m", "semi_jax.bench_reference", "--worker=jax", "--quick"], env=env)
+  message = str(raised.value)
+  assert "semi_jax.bench_reference: bad environment: SEMI_JAX_HOST_MALLOC must be 'auto' or 'default'" in message
+  assert "Traceback" not in message
 
 
 TRAIN_SEMI_LIKE = '''
