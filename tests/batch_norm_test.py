@@ -143,13 +143,21 @@ def test_unknown_reduction_is_a_clear_error():
 @pytest.mark.parametrize("shape, group", [((2, 3, 16, 4), 8), ((2, 3, 12, 4), 4), ((2, 3, 6, 4), 2),
                                           ((2, 3, 5, 4), 1), ((6, 4), 1)])
 def test_pixel_group_sums_add_neighbouring_pixels_of_one_row(shape, group):
-  a = np.random.default_rng(7).normal(size=shape).astype(np.float32)
-  got = np.asarray(batch_norm._pixel_group_sums(jnp.asarray(a)))
-  if len(shape) < 3:
-    want = a
-  else:
-    want = a.reshape(shape[:-2] + (shape[-2] // group, group, shape[-1])).sum(-2)
-  assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-  # Every entry is counted once: the channel totals are unchanged.
-  np.testing.assert_allclose(got.reshape(-1, shape[-1]).sum(0), a.reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
+  rng = np.random.default_rng(7)
+  arrays = [rng.normal(size=shape).astype(np.float32) for _ in range(2)]
+  got = batch_norm._pixel_group_sums(*map(jnp.asarray, arrays))
+  assert len(got) == 2
+  for a, g in zip(arrays, got):
+    want = a if len(shape) < 3 else a.reshape(shape[:-2] + (shape[-2] // group, group, shape[-1])).sum(-2)
+    assert g.shape == want.shape
+    np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES + ((6, 4),))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_channel_sums_match_numpy(reduction, shape):
+  rng = np.random.default_rng(8)
+  arrays = [rng.normal(size=shape).astype(np.float32) for _ in range(2)]
+  got = jax.jit(batch_norm._channel_sums, static_argnums=1)(tuple(map(jnp.asarray, arrays)), reduction)
+  for a, g in zip(arrays, got):
+    np.testing.assert_allclose(g, a.reshape(-1, shape[-1]).astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
