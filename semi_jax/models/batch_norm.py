@@ -11,9 +11,9 @@ pass needs (x and x * x, or g and g * x: a variadic reduce reads x once and writ
 a `ones @ X` matrix product adds up the rest. In the train step this ran 10 % faster than a `ones @ X` over all
 rows with the sums of products as the diagonal of `X^T Y` (which cost C times the FLOPs of the product; the
 two stages as separate reduces gave 7 %, one reduce over [x, x * x] concatenated was slower), and several
-times faster than XLA's reduction. On GPU and TPU reductions are fast, so `reduction='auto'` uses the two stages on CPU only.
-The backward pass is written out (`jax.custom_vjp`) so that it needs exactly two channel sums, sum(g) and
-sum(g * x), instead of the ones autodiff derives.
+times faster than XLA's reduction. On GPU and TPU reductions are fast, so `reduction='auto'` uses the two
+stages on CPU only. The backward pass is written out (`jax.custom_vjp`) so that it needs exactly two channel
+sums, sum(g) and sum(g * x), instead of the ones autodiff derives.
 """
 from __future__ import annotations
 
