@@ -81,298 +81,298 @@ def schedule_config(
     warmup_value: float = 0.0,
     cycles: float = 0.5,
 ) -> ml_collections.ConfigDict:
-    """Returns a schedule ConfigDict; every kind has exactly these keys (and types).
+  """Returns a schedule ConfigDict; every kind has exactly these keys (and types).
 
-    Args:
-      kind: one of KINDS (see the module docstring for each formula).
-      value: the value at the start (constant: the value; exponential/step/ramp: the multiplier).
-      end_value: the value at the end of a linear or cosine schedule.
-      start_step: step at which linear/cosine/exponential/step start changing (value before it).
-      steps: length of the linear/cosine window, or reference_cosine's horizon; 0 = until the end of training.
-      rate: decay factor of exponential/step per `every` steps (e.g. 0.99); > 1 grows.
-      every: interval in steps of exponential/step decay (>= 1).
-      warmup_steps: length of the linear warm-up for any kind; 0 = no warm-up.
-      warmup_value: value at step 0 of the warm-up.
-      cycles: cosine cycles of reference_cosine; 0.5 reaches exactly 0 at the horizon, the SeMi/FixMatch LR
-        uses 7/16.
-    """
-    cfg = ml_collections.ConfigDict()
-    cfg.kind = str(kind)
-    cfg.value = _as_float("value", value)
-    cfg.end_value = _as_float("end_value", end_value)
-    cfg.start_step = _as_int("start_step", start_step)
-    cfg.steps = _as_int("steps", steps)
-    cfg.rate = _as_float("rate", rate)
-    cfg.every = _as_int("every", every)
-    cfg.warmup_steps = _as_int("warmup_steps", warmup_steps)
-    cfg.warmup_value = _as_float("warmup_value", warmup_value)
-    cfg.cycles = _as_float("cycles", cycles)
-    _validate(cfg)
-    return cfg
+  Args:
+    kind: one of KINDS (see the module docstring for each formula).
+    value: the value at the start (constant: the value; exponential/step/ramp: the multiplier).
+    end_value: the value at the end of a linear or cosine schedule.
+    start_step: step at which linear/cosine/exponential/step start changing (value before it).
+    steps: length of the linear/cosine window, or reference_cosine's horizon; 0 = until the end of training.
+    rate: decay factor of exponential/step per `every` steps (e.g. 0.99); > 1 grows.
+    every: interval in steps of exponential/step decay (>= 1).
+    warmup_steps: length of the linear warm-up for any kind; 0 = no warm-up.
+    warmup_value: value at step 0 of the warm-up.
+    cycles: cosine cycles of reference_cosine; 0.5 reaches exactly 0 at the horizon, the SeMi/FixMatch LR
+      uses 7/16.
+  """
+  cfg = ml_collections.ConfigDict()
+  cfg.kind = str(kind)
+  cfg.value = _as_float("value", value)
+  cfg.end_value = _as_float("end_value", end_value)
+  cfg.start_step = _as_int("start_step", start_step)
+  cfg.steps = _as_int("steps", steps)
+  cfg.rate = _as_float("rate", rate)
+  cfg.every = _as_int("every", every)
+  cfg.warmup_steps = _as_int("warmup_steps", warmup_steps)
+  cfg.warmup_value = _as_float("warmup_value", warmup_value)
+  cfg.cycles = _as_float("cycles", cycles)
+  _validate(cfg)
+  return cfg
 
 
 def from_value(x: float) -> ml_collections.ConfigDict:
-    """Shorthand for a constant schedule equal to `x`."""
-    return schedule_config(kind="constant", value=x)
+  """Shorthand for a constant schedule equal to `x`."""
+  return schedule_config(kind="constant", value=x)
 
 
 def make_schedule(cfg: Mapping, total_steps: int, steps_per_epoch: int | None = None) -> Schedule:
-    """Builds `step -> float32 scalar` from a schedule config.
+  """Builds `step -> float32 scalar` from a schedule config.
 
-    Args:
-      cfg: a config from `schedule_config` (or a mapping with the same keys).
-      total_steps: number of training steps; resolves `steps == 0` ("until the end of training").
-      steps_per_epoch: steps per epoch; required by `reference_ramp` only.
+  Args:
+    cfg: a config from `schedule_config` (or a mapping with the same keys).
+    total_steps: number of training steps; resolves `steps == 0` ("until the end of training").
+    steps_per_epoch: steps per epoch; required by `reference_ramp` only.
 
-    Returns:
-      A pure jnp function of the step (int or int array, concrete or traced).
-    """
-    _validate(cfg)
-    total_steps = _positive_int_arg("total_steps", total_steps)
-    if steps_per_epoch is not None:
-        steps_per_epoch = _positive_int_arg("steps_per_epoch", steps_per_epoch)
-    kind = cfg["kind"]
-    value = float(cfg["value"])
-    warmup_steps = int(cfg["warmup_steps"])
-    if warmup_steps > total_steps:
-        raise ValueError(
-            f"schedule field 'warmup_steps' = {warmup_steps} exceeds total_steps = {total_steps}: the "
-            f"warm-up must fit in training; use 0 <= warmup_steps <= {total_steps}."
-        )
+  Returns:
+    A pure jnp function of the step (int or int array, concrete or traced).
+  """
+  _validate(cfg)
+  total_steps = _positive_int_arg("total_steps", total_steps)
+  if steps_per_epoch is not None:
+    steps_per_epoch = _positive_int_arg("steps_per_epoch", steps_per_epoch)
+  kind = cfg["kind"]
+  value = float(cfg["value"])
+  warmup_steps = int(cfg["warmup_steps"])
+  if warmup_steps > total_steps:
+    raise ValueError(
+        f"schedule field 'warmup_steps' = {warmup_steps} exceeds total_steps = {total_steps}: the "
+        f"warm-up must fit in training; use 0 <= warmup_steps <= {total_steps}."
+    )
 
-    if kind == "constant":
-        base = lambda s: jnp.full(jnp.shape(s), value, jnp.float32)
-    elif kind in ("linear", "cosine"):
-        base = _window_schedule(cfg, kind, total_steps)
-    elif kind in ("exponential", "step"):
-        base = _decay_schedule(cfg, staircase=(kind == "step"))
-    elif kind == "reference_cosine":
-        base = _reference_cosine(cfg, total_steps)
-    elif kind == "reference_ramp":
-        if steps_per_epoch is None:
-            raise ValueError(
-                "schedule kind 'reference_ramp' needs steps_per_epoch (the reference's eval_step), got None: "
-                "pass make_schedule(cfg, total_steps, steps_per_epoch=...)."
-            )
-        base = _reference_ramp(value, steps_per_epoch)
-    else:  # _validate already rejected it; kept so a new kind cannot fall through silently.
-        raise ValueError(f"schedule field 'kind' = {kind!r} is unknown; allowed: {', '.join(KINDS)}.")
+  if kind == "constant":
+    base = lambda s: jnp.full(jnp.shape(s), value, jnp.float32)
+  elif kind in ("linear", "cosine"):
+    base = _window_schedule(cfg, kind, total_steps)
+  elif kind in ("exponential", "step"):
+    base = _decay_schedule(cfg, staircase=(kind == "step"))
+  elif kind == "reference_cosine":
+    base = _reference_cosine(cfg, total_steps)
+  elif kind == "reference_ramp":
+    if steps_per_epoch is None:
+      raise ValueError(
+          "schedule kind 'reference_ramp' needs steps_per_epoch (the reference's eval_step), got None: "
+          "pass make_schedule(cfg, total_steps, steps_per_epoch=...)."
+      )
+    base = _reference_ramp(value, steps_per_epoch)
+  else:  # _validate already rejected it; kept so a new kind cannot fall through silently.
+    raise ValueError(f"schedule field 'kind' = {kind!r} is unknown; allowed: {', '.join(KINDS)}.")
 
-    if warmup_steps == 0:
-        return lambda step: base(_steps_to_float(step))
-    return _with_warmup(base, warmup_steps, float(cfg["warmup_value"]))
+  if warmup_steps == 0:
+    return lambda step: base(_steps_to_float(step))
+  return _with_warmup(base, warmup_steps, float(cfg["warmup_value"]))
 
 
 def sample(cfg: Mapping, total_steps: int, steps_per_epoch: int | None, points) -> np.ndarray:
-    """Evaluates the schedule at the integer steps `points`; returns a float32 numpy array of their shape."""
-    points = np.asarray(points)
-    if points.dtype.kind == "f":
-        if not np.all(np.isfinite(points)) or np.any(points != np.round(points)):
-            raise ValueError(f"sample points must be integer steps, got {points!r}.")
-    elif points.dtype.kind not in "iu":
-        raise ValueError(f"sample points must be integer steps, got dtype {points.dtype}.")
-    if points.size and (points.min() < 0 or points.max() > np.iinfo(np.int32).max):
-        raise ValueError(
-            f"sample points must lie in [0, {np.iinfo(np.int32).max}], got {points.min()}..{points.max()}."
-        )
-    fn = make_schedule(cfg, total_steps, steps_per_epoch)
-    return np.asarray(fn(jnp.asarray(points.astype(np.int32))), dtype=np.float32)
+  """Evaluates the schedule at the integer steps `points`; returns a float32 numpy array of their shape."""
+  points = np.asarray(points)
+  if points.dtype.kind == "f":
+    if not np.all(np.isfinite(points)) or np.any(points != np.round(points)):
+      raise ValueError(f"sample points must be integer steps, got {points!r}.")
+  elif points.dtype.kind not in "iu":
+    raise ValueError(f"sample points must be integer steps, got dtype {points.dtype}.")
+  if points.size and (points.min() < 0 or points.max() > np.iinfo(np.int32).max):
+    raise ValueError(
+        f"sample points must lie in [0, {np.iinfo(np.int32).max}], got {points.min()}..{points.max()}."
+    )
+  fn = make_schedule(cfg, total_steps, steps_per_epoch)
+  return np.asarray(fn(jnp.asarray(points.astype(np.int32))), dtype=np.float32)
 
 
 def is_constant(cfg: Mapping) -> bool:
-    """True when the schedule takes the same value at every step; that value is then `cfg.value`."""
-    _validate(cfg)
-    kind = cfg["kind"]
-    value = cfg["value"]
-    if kind == "constant":
-        flat = True
-    elif kind in ("linear", "cosine"):
-        flat = cfg["end_value"] == value
-    elif kind in ("exponential", "step"):
-        flat = cfg["rate"] == 1.0 or value == 0.0
-    else:  # reference_cosine and reference_ramp are multiples of value with a varying factor.
-        flat = value == 0.0
-    return flat and (cfg["warmup_steps"] == 0 or cfg["warmup_value"] == value)
+  """True when the schedule takes the same value at every step; that value is then `cfg.value`."""
+  _validate(cfg)
+  kind = cfg["kind"]
+  value = cfg["value"]
+  if kind == "constant":
+    flat = True
+  elif kind in ("linear", "cosine"):
+    flat = cfg["end_value"] == value
+  elif kind in ("exponential", "step"):
+    flat = cfg["rate"] == 1.0 or value == 0.0
+  else:  # reference_cosine and reference_ramp are multiples of value with a varying factor.
+    flat = value == 0.0
+  return flat and (cfg["warmup_steps"] == 0 or cfg["warmup_value"] == value)
 
 
 def describe(cfg: Mapping) -> str:
-    """A one-line formula of the schedule for logs and reports."""
-    _validate(cfg)
-    kind = cfg["kind"]
-    v, e = _fmt(cfg["value"]), _fmt(cfg["end_value"])
-    start, steps, every = cfg["start_step"], cfg["steps"], cfg["every"]
-    window_end = "end" if steps == 0 else str(start + steps)
-    if kind == "constant":
-        text = f"constant {v}"
-    elif kind in ("linear", "cosine"):
-        text = f"{kind} {v}→{e} over steps {start}..{window_end}"
-    elif kind == "exponential":
-        text = f"exponential {v} * {_fmt(cfg['rate'])}^((step-{start})/{every}) from step {start}"
-    elif kind == "step":
-        text = f"step {v} * {_fmt(cfg['rate'])}^floor((step-{start})/{every}) from step {start}"
-    elif kind == "reference_cosine":
-        horizon = "end" if steps == 0 else str(steps)
-        cycles = _fmt(cfg["cycles"])
-        text = f"reference_cosine {v} * max(0, cos(pi*{cycles}*progress)) over steps 0..{horizon}"
-    else:
-        text = f"reference_ramp {v} * (step // steps_per_epoch) / steps_per_epoch"
-    if cfg["warmup_steps"] > 0:
-        text += f", warm-up from {_fmt(cfg['warmup_value'])} over {cfg['warmup_steps']} steps"
-    return text
+  """A one-line formula of the schedule for logs and reports."""
+  _validate(cfg)
+  kind = cfg["kind"]
+  v, e = _fmt(cfg["value"]), _fmt(cfg["end_value"])
+  start, steps, every = cfg["start_step"], cfg["steps"], cfg["every"]
+  window_end = "end" if steps == 0 else str(start + steps)
+  if kind == "constant":
+    text = f"constant {v}"
+  elif kind in ("linear", "cosine"):
+    text = f"{kind} {v}→{e} over steps {start}..{window_end}"
+  elif kind == "exponential":
+    text = f"exponential {v} * {_fmt(cfg['rate'])}^((step-{start})/{every}) from step {start}"
+  elif kind == "step":
+    text = f"step {v} * {_fmt(cfg['rate'])}^floor((step-{start})/{every}) from step {start}"
+  elif kind == "reference_cosine":
+    horizon = "end" if steps == 0 else str(steps)
+    cycles = _fmt(cfg["cycles"])
+    text = f"reference_cosine {v} * max(0, cos(pi*{cycles}*progress)) over steps 0..{horizon}"
+  else:
+    text = f"reference_ramp {v} * (step // steps_per_epoch) / steps_per_epoch"
+  if cfg["warmup_steps"] > 0:
+    text += f", warm-up from {_fmt(cfg['warmup_value'])} over {cfg['warmup_steps']} steps"
+  return text
 
 
 # --- kinds -------------------------------------------------------------------------------------------
 
 
 def _window_schedule(cfg: Mapping, kind: str, total_steps: int):
-    """linear / cosine from value to end_value over [start_step, start_step + steps]."""
-    value, end = float(cfg["value"]), float(cfg["end_value"])
-    start = int(cfg["start_step"])
-    steps = _resolve_steps(cfg, total_steps, start)
+  """linear / cosine from value to end_value over [start_step, start_step + steps]."""
+  value, end = float(cfg["value"]), float(cfg["end_value"])
+  start = int(cfg["start_step"])
+  steps = _resolve_steps(cfg, total_steps, start)
 
-    def schedule(s):
-        progress = jnp.clip((s - start) / steps, 0.0, 1.0)
-        if kind == "linear":
-            return value + (end - value) * progress
-        return end + (value - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  def schedule(s):
+    progress = jnp.clip((s - start) / steps, 0.0, 1.0)
+    if kind == "linear":
+      return value + (end - value) * progress
+    return end + (value - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
 
-    return schedule
+  return schedule
 
 
 def _decay_schedule(cfg: Mapping, staircase: bool):
-    """exponential (continuous) / step (staircase) decay by `rate` every `every` steps after start_step."""
-    value, rate = float(cfg["value"]), float(cfg["rate"])
-    start, every = int(cfg["start_step"]), int(cfg["every"])
+  """exponential (continuous) / step (staircase) decay by `rate` every `every` steps after start_step."""
+  value, rate = float(cfg["value"]), float(cfg["rate"])
+  start, every = int(cfg["start_step"]), int(cfg["every"])
 
-    def schedule(s):
-        # Clamped at 0 so that steps before start_step give exactly `value` (and 0**negative never appears).
-        exponent = jnp.maximum(s - start, 0.0) / every
-        if staircase:
-            exponent = jnp.floor(exponent)
-        return value * jnp.power(jnp.float32(rate), exponent)
+  def schedule(s):
+    # Clamped at 0 so that steps before start_step give exactly `value` (and 0**negative never appears).
+    exponent = jnp.maximum(s - start, 0.0) / every
+    if staircase:
+      exponent = jnp.floor(exponent)
+    return value * jnp.power(jnp.float32(rate), exponent)
 
-    return schedule
+  return schedule
 
 
 def _reference_cosine(cfg: Mapping, total_steps: int):
-    """The SeMi/FixMatch LR factor after its warm-up: value * max(0, cos(pi * cycles * progress))."""
-    value, cycles = float(cfg["value"]), float(cfg["cycles"])
-    if cfg["start_step"] != 0:
-        raise ValueError(
-            f"schedule field 'start_step' = {cfg['start_step']} is not supported by kind 'reference_cosine', "
-            "which starts at step 0 like the reference; use 0 (delay with warmup_steps) or kind 'cosine'."
-        )
-    horizon = _resolve_steps(cfg, total_steps, 0)
-    warmup = int(cfg["warmup_steps"])
-    if warmup >= horizon:
-        raise ValueError(
-            f"schedule field 'warmup_steps' = {warmup} must be < the reference_cosine horizon {horizon} "
-            "(steps, or total_steps when steps = 0)."
-        )
+  """The SeMi/FixMatch LR factor after its warm-up: value * max(0, cos(pi * cycles * progress))."""
+  value, cycles = float(cfg["value"]), float(cfg["cycles"])
+  if cfg["start_step"] != 0:
+    raise ValueError(
+        f"schedule field 'start_step' = {cfg['start_step']} is not supported by kind 'reference_cosine', "
+        "which starts at step 0 like the reference; use 0 (delay with warmup_steps) or kind 'cosine'."
+    )
+  horizon = _resolve_steps(cfg, total_steps, 0)
+  warmup = int(cfg["warmup_steps"])
+  if warmup >= horizon:
+    raise ValueError(
+        f"schedule field 'warmup_steps' = {warmup} must be < the reference_cosine horizon {horizon} "
+        "(steps, or total_steps when steps = 0)."
+    )
 
-    def schedule(s):
-        progress = (s - warmup) / (horizon - warmup)
-        return value * jnp.maximum(0.0, jnp.cos(jnp.pi * cycles * progress))
+  def schedule(s):
+    progress = (s - warmup) / (horizon - warmup)
+    return value * jnp.maximum(0.0, jnp.cos(jnp.pi * cycles * progress))
 
-    return schedule
+  return schedule
 
 
 def _reference_ramp(value: float, steps_per_epoch: int):
-    """The reference's prototype-mixing ramp: value * epoch / eval_step with epoch = step // eval_step."""
+  """The reference's prototype-mixing ramp: value * epoch / eval_step with epoch = step // eval_step."""
 
-    def schedule(s):
-        epoch = jnp.floor(s / steps_per_epoch)
-        return value * epoch / steps_per_epoch
+  def schedule(s):
+    epoch = jnp.floor(s / steps_per_epoch)
+    return value * epoch / steps_per_epoch
 
-    return schedule
+  return schedule
 
 
 def _with_warmup(base, warmup_steps: int, warmup_value: float) -> Schedule:
-    """Linear from warmup_value at step 0 to base(warmup_steps) at warmup_steps, then base."""
+  """Linear from warmup_value at step 0 to base(warmup_steps) at warmup_steps, then base."""
 
-    def schedule(step):
-        s = _steps_to_float(step)
-        target = base(jnp.full_like(s, float(warmup_steps)))
-        ramp = warmup_value + (target - warmup_value) * (s / warmup_steps)
-        return jnp.where(s < warmup_steps, ramp, base(s)).astype(jnp.float32)
+  def schedule(step):
+    s = _steps_to_float(step)
+    target = base(jnp.full_like(s, float(warmup_steps)))
+    ramp = warmup_value + (target - warmup_value) * (s / warmup_steps)
+    return jnp.where(s < warmup_steps, ramp, base(s)).astype(jnp.float32)
 
-    return schedule
+  return schedule
 
 
 # --- helpers -----------------------------------------------------------------------------------------
 
 
 def _steps_to_float(step) -> jnp.ndarray:
-    step = jnp.asarray(step)
-    if not (jnp.issubdtype(step.dtype, jnp.integer) or jnp.issubdtype(step.dtype, jnp.floating)):
-        raise ValueError(f"a schedule's step must be an integer (or integer array), got dtype {step.dtype}.")
-    return step.astype(jnp.float32)
+  step = jnp.asarray(step)
+  if not (jnp.issubdtype(step.dtype, jnp.integer) or jnp.issubdtype(step.dtype, jnp.floating)):
+    raise ValueError(f"a schedule's step must be an integer (or integer array), got dtype {step.dtype}.")
+  return step.astype(jnp.float32)
 
 
 def _resolve_steps(cfg: Mapping, total_steps: int, start: int) -> int:
-    steps = int(cfg["steps"])
-    if steps > 0:
-        return steps
-    if start >= total_steps:
-        raise ValueError(
-            f"schedule field 'start_step' = {start} must be < total_steps = {total_steps} when 'steps' = 0 "
-            "(until the end of training); lower start_step or set steps > 0."
-        )
-    return total_steps - start
+  steps = int(cfg["steps"])
+  if steps > 0:
+    return steps
+  if start >= total_steps:
+    raise ValueError(
+        f"schedule field 'start_step' = {start} must be < total_steps = {total_steps} when 'steps' = 0 "
+        "(until the end of training); lower start_step or set steps > 0."
+    )
+  return total_steps - start
 
 
 def _validate(cfg: Mapping) -> None:
-    """Checks the key set, the kind and the ranges of every field; raises ValueError naming the field."""
-    try:
-        keys = set(cfg.keys())
-    except AttributeError:
-        raise ValueError(
-            f"a schedule config must be a ConfigDict or mapping, got {type(cfg).__name__}."
-        ) from None
-    missing, extra = set(FIELD_TYPES) - keys, keys - set(FIELD_TYPES)
-    if missing or extra:
-        raise ValueError(
-            f"schedule config keys must be exactly {sorted(FIELD_TYPES)}; missing {sorted(missing)}, "
-            f"unexpected {sorted(extra)}. Build it with schedule_config(...)."
-        )
-    kind = cfg["kind"]
-    if kind not in KINDS:
-        raise ValueError(f"schedule field 'kind' = {kind!r} is unknown; allowed: {', '.join(KINDS)}.")
-    for name, typ in FIELD_TYPES.items():
-        if typ is float:
-            _as_float(name, cfg[name])
-        elif typ is int:
-            _as_int(name, cfg[name])
-    for name in ("start_step", "steps", "warmup_steps"):
-        if cfg[name] < 0:
-            raise ValueError(f"schedule field '{name}' = {cfg[name]} is negative; allowed: an integer >= 0.")
-    if cfg["every"] < 1:
-        raise ValueError(f"schedule field 'every' = {cfg['every']} is invalid; allowed: an integer >= 1.")
-    if cfg["rate"] < 0:
-        raise ValueError(
-            f"schedule field 'rate' = {cfg['rate']} is negative; allowed: a decay factor >= 0 (e.g. 0.99)."
-        )
-    if cfg["cycles"] <= 0:
-        raise ValueError(f"schedule field 'cycles' = {cfg['cycles']} is invalid; allowed: a number > 0.")
+  """Checks the key set, the kind and the ranges of every field; raises ValueError naming the field."""
+  try:
+    keys = set(cfg.keys())
+  except AttributeError:
+    raise ValueError(
+        f"a schedule config must be a ConfigDict or mapping, got {type(cfg).__name__}."
+    ) from None
+  missing, extra = set(FIELD_TYPES) - keys, keys - set(FIELD_TYPES)
+  if missing or extra:
+    raise ValueError(
+        f"schedule config keys must be exactly {sorted(FIELD_TYPES)}; missing {sorted(missing)}, "
+        f"unexpected {sorted(extra)}. Build it with schedule_config(...)."
+    )
+  kind = cfg["kind"]
+  if kind not in KINDS:
+    raise ValueError(f"schedule field 'kind' = {kind!r} is unknown; allowed: {', '.join(KINDS)}.")
+  for name, typ in FIELD_TYPES.items():
+    if typ is float:
+      _as_float(name, cfg[name])
+    elif typ is int:
+      _as_int(name, cfg[name])
+  for name in ("start_step", "steps", "warmup_steps"):
+    if cfg[name] < 0:
+      raise ValueError(f"schedule field '{name}' = {cfg[name]} is negative; allowed: an integer >= 0.")
+  if cfg["every"] < 1:
+    raise ValueError(f"schedule field 'every' = {cfg['every']} is invalid; allowed: an integer >= 1.")
+  if cfg["rate"] < 0:
+    raise ValueError(
+        f"schedule field 'rate' = {cfg['rate']} is negative; allowed: a decay factor >= 0 (e.g. 0.99)."
+    )
+  if cfg["cycles"] <= 0:
+    raise ValueError(f"schedule field 'cycles' = {cfg['cycles']} is invalid; allowed: a number > 0.")
 
 
 def _as_float(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
-        raise ValueError(f"schedule field '{name}' = {x!r} is invalid; allowed: a finite number.")
-    return float(x)
+  if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+    raise ValueError(f"schedule field '{name}' = {x!r} is invalid; allowed: a finite number.")
+  return float(x)
 
 
 def _as_int(name: str, x) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise ValueError(f"schedule field '{name}' = {x!r} is invalid; allowed: an integer.")
-    return int(x)
+  if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+    raise ValueError(f"schedule field '{name}' = {x!r} is invalid; allowed: an integer.")
+  return int(x)
 
 
 def _positive_int_arg(name: str, x) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
-        raise ValueError(f"{name} = {x!r} is invalid; allowed: an integer >= 1.")
-    return int(x)
+  if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+    raise ValueError(f"{name} = {x!r} is invalid; allowed: an integer >= 1.")
+  return int(x)
 
 
 def _fmt(x: float) -> str:
-    return repr(float(x))
+  return repr(float(x))
