@@ -7,10 +7,8 @@ schedule of the method is a first-class, ablatable config object.
 """
 import ml_collections
 
+from semi_jax.objective import COMPONENTS, preset_switches
 from semi_jax.schedules import schedule_config
-
-ALGOS = ("fixmatch", "fixmatch_la", "acr", "semi")
-COMPONENTS = ("miner", "bank", "plce", "cons")
 
 
 def get_config(arg=None):
@@ -119,19 +117,20 @@ def get_config(arg=None):
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data_axis_size = -1  # devices on the data axis (-1 = all)
 
+  # CPU-only speed-ups (semi_jax/cpu/: layers with hand-written gradients, XLA:CPU options, malloc settings):
+  # auto = on exactly when the mesh's devices are CPUs | on | off. GPUs and TPUs run flax's layers.
+  config.cpu_fast_paths = "auto"
+
   return apply_args(config, arg)
 
 
 def apply_algo(config, algo):
   """Sets the component switches of a named algorithm preset."""
-  if algo not in ALGOS:
-    raise ValueError(f"unknown algorithm {algo!r} (config field ssl.algo / argument algo=); choose one of {ALGOS}.")
-  semi = algo == "semi"
+  switches = preset_switches(algo)
   config.ssl.algo = algo
-  config.ssl.dual_head = algo in ("acr", "semi")
-  config.ssl.labeled_logit_adjust = algo == "fixmatch_la"
-  for name in COMPONENTS:
-    config[name].enabled = semi
+  for field, value in switches.items():
+    group, name = field.split(".")
+    config[group][name] = value
   return config
 
 
@@ -150,7 +149,7 @@ def apply_args(config, arg):
   if "algo" in items:  # first: component switches may then refine the preset
     apply_algo(config, items.pop("algo"))
   for key, value in items.items():
-    if key in ("miner", "bank", "plce", "cons"):
+    if key in COMPONENTS:
       if value.lower() not in _SWITCH:
         raise ValueError(f"config argument {key}={value!r}: use on or off.")
       config[key].enabled = _SWITCH[value.lower()]

@@ -29,4 +29,7 @@ def get_config(arg=None):
   config.bank.decay_every.value = 2.0
   config.eval.many_threshold = 10
   config.eval.few_threshold = 6
+  # flax's layers, as GPUs and TPUs run them, and programs JAX's compile cache can store (oneDNN calls cannot be
+  # serialised); tests that run the CPU fast paths set "on" and compare the two.
+  config.cpu_fast_paths = "off"
   return default.apply_args(config, arg)

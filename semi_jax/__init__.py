@@ -1,4 +1,4 @@
-"""semi_jax: SeMi (class-imbalanced semi-supervised learning by mining hard examples) in JAX/Flax."""
-from semi_jax import xla_flags as _xla_flags
+"""semi_jax: SeMi (class-imbalanced semi-supervised learning by mining hard examples) in JAX/Flax.
 
-_xla_flags.apply_defaults()
+Importing any module of the package only defines things: no environment variable and no JAX setting changes.
+"""

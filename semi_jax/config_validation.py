@@ -1,14 +1,7 @@
 """Checks every configuration value before anything is compiled; messages name field, value and fix."""
 from __future__ import annotations
 
-from semi_jax import schedules
-
-_ALGOS = ("fixmatch", "fixmatch_la", "acr", "semi")
-_DISTS = ("consistent", "uniform", "reversed")
-_MINER_MODES = ("entropy", "rank")
-_CLASS_WEIGHTS = ("frequency", "decayed_frequency", "decayed_inverse", "uniform")
-_DTYPES = ("float32", "bfloat16")
-_MODELS = ("wide_resnet",)
+from semi_jax import cpu, long_tail, miner, models, objective, schedules, semi_state
 
 
 class ConfigError(ValueError):
@@ -37,11 +30,21 @@ def _check_divisible(value: int, field: str, parts: int, what: str) -> None:
          f"must be divisible by the {parts} {what} (global batch split evenly); choose a multiple of {parts}")
 
 
+def check_batches_divide(config, parts: int, what: str) -> None:
+  """Every global batch of `config` splits evenly into `parts` (devices or processes), else ConfigError."""
+  t = config.train
+  _check_divisible(t.batch_size, "train.batch_size", parts, what)
+  _check_divisible(t.batch_size * t.mu, "train.batch_size * train.mu", parts, what)
+  _check_divisible(t.eval_batch_size, "train.eval_batch_size", parts, what)
+
+
 def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
   """Raises ConfigError for the first invalid value. With `num_devices` / `num_processes` (the data-axis
   size of the mesh and the JAX process count) also checks that every global batch divides over them."""
   d, m, t, o, s = config.data, config.model, config.train, config.optim, config.ssl
   _check(config.seed >= 0, "seed", config.seed, "must be >= 0")
+  _check(config.cpu_fast_paths in cpu.SETTINGS, "cpu_fast_paths", config.cpu_fast_paths,
+         f"choose one of {cpu.SETTINGS} (auto: on exactly when the mesh's devices are CPUs)")
   _check(config.mesh.data_axis_size == -1 or config.mesh.data_axis_size >= 1, "mesh.data_axis_size",
          config.mesh.data_axis_size, "must be -1 (all devices) or >= 1")
   _check(d.test_per_class >= 1, "data.test_per_class", d.test_per_class, "must be >= 1")
@@ -51,7 +54,8 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(d.unlabeled_max >= 1, "data.unlabeled_max", d.unlabeled_max, "must be >= 1")
   _check(d.labeled_imb >= 1, "data.labeled_imb", d.labeled_imb, "imbalance ratio gamma must be >= 1")
   _check(d.unlabeled_imb >= 1, "data.unlabeled_imb", d.unlabeled_imb, "imbalance ratio gamma must be >= 1")
-  _check(d.unlabeled_dist in _DISTS, "data.unlabeled_dist", d.unlabeled_dist, f"choose one of {_DISTS}")
+  _check(d.unlabeled_dist in long_tail.DISTRIBUTIONS, "data.unlabeled_dist", d.unlabeled_dist,
+         f"choose one of {long_tail.DISTRIBUTIONS}")
   _check(0.0 <= d.labeled_fraction < 1.0, "data.labeled_fraction", d.labeled_fraction, "must be in [0, 1)")
   _check(0.0 <= d.pad_fraction < 0.5, "data.pad_fraction", d.pad_fraction, "must be in [0, 0.5)")
   _check(0 <= d.randaugment_ops <= 14, "data.randaugment_ops", d.randaugment_ops, "must be in [0, 14]")
@@ -62,8 +66,8 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(m.width >= 1, "model.width", m.width, "must be >= 1")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
   _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", m.bn_momentum, "must be in (0, 1)")
-  _check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"choose one of {_DTYPES}")
-  _check(m.name in _MODELS, "model.name", m.name, f"choose one of {_MODELS}")
+  _check(m.dtype in models.DTYPES, "model.dtype", m.dtype, f"choose one of {models.DTYPES}")
+  _check(m.name in models.MODELS, "model.name", m.name, f"choose one of {models.MODELS}")
   _check(m.leaky_slope >= 0, "model.leaky_slope", m.leaky_slope, "must be >= 0")
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
   _check(t.mu >= 1, "train.mu", t.mu, "must be >= 1")
@@ -74,14 +78,12 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
   for parts, what in ((num_devices, "devices of the mesh data axis"), (num_processes, "JAX processes")):
     if parts:
-      _check_divisible(t.batch_size, "train.batch_size", parts, what)
-      _check_divisible(t.batch_size * t.mu, "train.batch_size * train.mu", parts, what)
-      _check_divisible(t.eval_batch_size, "train.eval_batch_size", parts, what)
+      check_batches_divide(config, parts, what)
   _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
   _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
   _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
-  _check(s.algo in _ALGOS, "ssl.algo", s.algo, f"choose one of {_ALGOS}")
+  _check(s.algo in objective.ALGOS, "ssl.algo", s.algo, f"choose one of {objective.ALGOS}")
   _check(s.temperature > 0, "ssl.temperature", s.temperature, "must be > 0")
   for name in ("tau1", "tau12", "tau2"):
     _check(s[name] >= 0, f"ssl.{name}", s[name], "logit-adjustment strength must be >= 0")
@@ -95,7 +97,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _schedule_range(o.lr_schedule, "optim.lr_schedule", 0.0, 100.0, total, spe)
   _schedule_range(s.threshold, "ssl.threshold", 0.0, 1.0, total, spe)
   _schedule_range(s.monitor_df, "ssl.monitor_df", 0.0, 1.0, total, spe)
-  _check(config.miner.mode in _MINER_MODES, "miner.mode", config.miner.mode, f"choose one of {_MINER_MODES}")
+  _check(config.miner.mode in miner.MODES, "miner.mode", config.miner.mode, f"choose one of {miner.MODES}")
   _schedule_range(config.miner.scale, "miner.scale", 0.0, 1.0, total, spe)
   _check(0.0 < config.miner.hard_fraction <= 1.0, "miner.hard_fraction", config.miner.hard_fraction,
          "must be in (0, 1]")
@@ -107,7 +109,8 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
          "prototype mixing reads prototypes from the memory bank: enable bank (bank=on) or disable plce")
   _check(0.0 <= p.alpha <= 1.0, "plce.alpha", p.alpha, "must be in [0, 1]")
   _check(p.tau_tar > 0, "plce.tau_tar", p.tau_tar, "must be > 0")
-  _check(p.class_weight in _CLASS_WEIGHTS, "plce.class_weight", p.class_weight, f"choose one of {_CLASS_WEIGHTS}")
+  _check(p.class_weight in semi_state.CLASS_WEIGHTS, "plce.class_weight", p.class_weight,
+         f"choose one of {semi_state.CLASS_WEIGHTS}")
   _schedule_range(p.ramp, "plce.ramp", 0.0, 1.0, total, spe)
   c = config.cons
   _check(c.weight >= 0, "cons.weight", c.weight, "must be >= 0")

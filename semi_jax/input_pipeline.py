@@ -8,8 +8,11 @@ infinite stream is `index_shuffle(pos % n, key(seed, epoch = pos // n))` and its
     batch (`global_batch / process_count` examples), disjoint from and covering the other processes'.
 Images stay uint8 until the train step normalises them on device.
 
-Batch keys: x, y (labeled); u_weak, u_strong1, u_strong2, u_label (true label, diagnostics only, -1 if
-unknown), u_index (index into the unlabeled set); eval batches: image, label, mask (False on padding).
+`train_views` batches have the keys x, y (labeled); u_weak, u_strong1, u_strong2, u_label (true label,
+diagnostics only, -1 if unknown), u_index (index into the unlabeled set). `train_dataset`, what the train step
+reads, packs the four image groups into one array `images` laid out device block by device block
+(`pack_views`), so that the step finds each device's rows of every group in that device's shard and moves no
+input between devices. Eval batches: image, label, mask (False on padding).
 """
 from __future__ import annotations
 
@@ -18,12 +21,14 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
+import tensorflow.experimental.numpy as tnp
 
-from semi_jax import augment
+from semi_jax import augment, config_validation
 from semi_jax.datasets import ArrayDataset
 from semi_jax.datasets.splits import labeled_unlabeled_indices
 
 LABELED_STREAM, UNLABELED_STREAM = 1, 2
+VIEWS = ("x", "u_weak", "u_strong1", "u_strong2")  # the image groups of a train batch, in `images` order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +101,32 @@ def _aug_seed(key, pos):
   return tf.stack([tf.constant(key, tf.int64), pos])
 
 
-def train_dataset(data: SSLData, config, *, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> tf.data.Dataset:
-  """Batches of this process for steps start_step .. total_steps - 1."""
+def pack_views(views, blocks: int, xp=np):
+  """[x, u_w, u_s, u_s'] as one array of `blocks` blocks, block d = (x[d], u_w[d], u_s[d], u_s'[d]) where a[d] is
+  the d-th of `blocks` equal slices of a (`train_step.split_views` is the inverse). `xp`: numpy, or
+  tensorflow.experimental.numpy inside a tf.data pipeline."""
+  tail = tuple(views[0].shape[1:])
+  return xp.reshape(xp.concatenate([xp.reshape(v, (blocks, -1) + tail) for v in views], axis=1), (-1,) + tail)
+
+
+def train_dataset(data: SSLData, config, *, start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  blocks: int = 1) -> tf.data.Dataset:
+  """The train step's batches of this process for steps start_step .. total_steps - 1: `train_views` with the
+  image groups packed into `images` for `blocks` devices (this process's devices on the mesh's data axis)."""
+  def pack(batch):
+    images = pack_views([batch.pop(k) for k in VIEWS], blocks, xp=tnp)
+    return {"images": images, **batch}
+  views = train_views(data, config, start_step=start_step, process_index=process_index,
+                      process_count=process_count)
+  return views.map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def train_views(data: SSLData, config, *, start_step: int = 0, process_index: int = 0,
+                process_count: int = 1) -> tf.data.Dataset:
+  """Batches of this process for steps start_step .. total_steps - 1, one key per view (see the module doc)."""
+  config_validation.check_batches_divide(config, process_count, "JAX processes")
   t, d = config.train, config.data
   b, u = t.batch_size, t.batch_size * t.mu
-  for name, value in (("train.batch_size", b), ("train.batch_size * train.mu", u)):
-    if value % process_count:
-      raise ValueError(f"{name}={value} does not divide over {process_count} processes.")
   aug = dict(pad_fraction=d.pad_fraction)
   strong = dict(num_ops=d.randaugment_ops, magnitude=d.randaugment_magnitude,
                 cutout_fraction=d.cutout_fraction, pad_fraction=d.pad_fraction)
@@ -130,8 +153,7 @@ def train_dataset(data: SSLData, config, *, start_step: int = 0, process_index: 
   unl = _positions(start_step, t.total_steps, u, process_index, process_count).map(unlabeled, **opts)
   lab = lab.batch(b // process_count, drop_remainder=True)
   unl = unl.batch(u // process_count, drop_remainder=True)
-  ds = tf.data.Dataset.zip(lab, unl).map(lambda a, c: {**a, **c})
-  return ds.prefetch(tf.data.AUTOTUNE)
+  return tf.data.Dataset.zip(lab, unl).map(lambda a, c: {**a, **c})
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, *, process_index: int = 0,

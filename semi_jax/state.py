@@ -1,8 +1,8 @@
 """Everything that must survive a restart, as one pytree, and how it is created.
 
 `TrainState` holds the network (params, BatchNorm statistics, optimiser state, EMA params, step) and
-`SemiState` the algorithm's own on-device state (memory bank, class-frequency monitor, consistency centre).
-The per-step RNG is not stored: it is `fold_in(fixed_key, step)`, so resuming is exact without it.
+`semi_state.SemiState`, the algorithm's own on-device state (memory bank, class-frequency monitor, consistency
+centre). The per-step RNG is not stored: it is `fold_in(fixed_key, step)`, so resuming is exact without it.
 """
 from __future__ import annotations
 
@@ -13,16 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from semi_jax import memory_bank, schedules
-
-
-@flax.struct.dataclass
-class SemiState:
-  bank: memory_bank.MemoryBank
-  last_decay_step: jnp.ndarray  # step count at the last bank confidence decay
-  label_counts: jnp.ndarray  # f32[C]: confident pseudo-labels per class, accumulated (class-frequency monitor)
-  class_weight: jnp.ndarray  # f32[C]: per-class factor of the prototype-mixing weight, refreshed every epoch
-  qbar: jnp.ndarray  # f32[D]: EMA centre of the consistency teacher
+from semi_jax import schedules, semi_state
 
 
 @flax.struct.dataclass
@@ -32,16 +23,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   ema_params: Any
-  semi: SemiState
-
-
-def init_semi_state(num_classes: int, feature_dim: int, bank_size: int) -> SemiState:
-  return SemiState(
-      bank=memory_bank.init_bank(num_classes, bank_size, feature_dim),
-      last_decay_step=jnp.zeros((), jnp.int32),
-      label_counts=jnp.zeros((num_classes,), jnp.float32),
-      class_weight=jnp.ones((num_classes,), jnp.float32),
-      qbar=jnp.zeros((feature_dim,), jnp.float32))
+  semi: semi_state.SemiState
 
 
 def _decay_mask(params):
@@ -69,4 +51,4 @@ def create_train_state(model, tx, rng, image_size: int, num_classes: int, bank_s
       opt_state=tx.init(params),
       # A real copy: donating the state must not see one buffer twice.
       ema_params=jax.tree.map(jnp.copy, params),
-      semi=init_semi_state(num_classes, model.feature_dim, bank_size))
+      semi=semi_state.init(num_classes, model.feature_dim, bank_size))

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 import copy
 import dataclasses
 import difflib
-import importlib.util
 import inspect
 import json
 import numbers
@@ -30,7 +29,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from semi_jax import config_validation
+from semi_jax import config_files, config_validation
 
 VARIANT_FILE = "sweep_variant.json"
 SUMMARY = "summary.json"  # written by semi_jax.train at the end of training
@@ -49,20 +48,11 @@ class SweepRun:
   config_spec: str  # the sweep file and its argument, as given to --config
 
 
-def split_spec(spec: str) -> tuple[str, str | None]:
-  """'configs/ablations/decay.py:base=test' -> ('configs/ablations/decay.py', 'base=test')."""
-  path, sep, arg = spec.partition(".py:")
-  return (path + ".py", arg or None) if sep else (spec, None)
-
-
 def load_sweep_file(path: str):
   """Imports a sweep file by path (like ml_collections' config files) and checks what it declares."""
   if not os.path.isfile(path):
     raise ValueError(f"sweep file {path!r} does not exist; e.g. --config=configs/ablations/decay.py.")
-  name = "semi_jax_sweep_" + re.sub(r"\W", "_", os.path.abspath(path))
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_files.load_module(path, prefix="semi_jax_sweep_")
   for fn in ("get_config", "get_sweep"):
     if not callable(getattr(module, fn, None)):
       raise ValueError(f"sweep file {path} defines no {fn}(); a sweep file declares get_config(arg=None), "
@@ -144,7 +134,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping, varia
 def plan(config_spec: str, workdir: str, seeds: Sequence[int] | None = None,
          only: Sequence[str] | None = None) -> list[SweepRun]:
   """Builds and validates the configuration of every (variant, seed) before anything runs."""
-  path, arg = split_spec(config_spec)
+  path, arg = config_files.split_spec(config_spec)
   module = load_sweep_file(path)
   base = _call_with_arg(module.get_config, arg)
   variants = _call_with_arg(module.get_sweep, arg)
@@ -201,7 +191,7 @@ def _check_seeds(seeds) -> list[int]:
 
 def variant_record(run: SweepRun) -> dict:
   """The content of a run's sweep_variant.json."""
-  path, arg = split_spec(run.config_spec)
+  path, arg = config_files.split_spec(run.config_spec)
   return {"name": run.variant, "index": run.index, "seed": run.seed, "overrides": run.overrides,
           "config_file": path, "config_arg": arg, "config": run.config.to_dict()}
 
@@ -307,8 +297,8 @@ def main(argv, flag_values) -> None:
       write_variant_file(run)
       print(launch_command(run))
     return
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # tf.data only: keep every accelerator for JAX
+  from semi_jax import startup
+  startup.prepare(runs[0].config.cpu_fast_paths)  # validated with every run's config
   results = run_sweep(runs)
   print(f"\n{len(results)} runs in {flag_values.workdir}:")
   for r in results:

@@ -1,17 +1,21 @@
 """train_and_evaluate(config, workdir): set-up, the training loop, evaluation, logging and checkpoints.
 
-Everything heavy happens in the two jitted functions of `train_step`; this loop only feeds batches, merges
-metrics on device and, every N steps, logs, evaluates and checkpoints. Only process 0 writes logs.
+`build_program` compiles what a run executes (state init, the guarded train step, the eval step) for a mesh.
+Everything heavy happens in those jitted functions; the loop makes one dispatch per step besides the batch
+transfer (metrics accumulate on the device) and, every N steps, logs, evaluates and checkpoints. Only process 0
+writes logs.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import os
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +24,11 @@ from absl import logging
 from tensorflow.io import gfile  # local paths and gs:// alike (workdirs on GCS for TPU pods)
 from clu import metric_writers, periodic_actions
 
-from semi_jax import checkpointing, config_validation, datasets, input_pipeline, memory_bank, metrics, sharding
+from semi_jax import checkpointing, config_validation, cpu, datasets, input_pipeline, memory_bank, metrics, sharding
+from semi_jax import train_step as steps
+from semi_jax.cpu import compiler_options
 from semi_jax.models import create_model
 from semi_jax.state import create_train_state, make_optimizer
-from semi_jax.train_step import StepContext, eval_step, train_step
 
 EVAL_LOG = "eval.jsonl"
 SUMMARY = "summary.json"
@@ -48,15 +53,96 @@ def _prefetch_to_mesh(iterator, mesh, size: int):
     yield queue.popleft()
 
 
+def batch_spec(config, mesh) -> dict:
+  """The abstract global train batch of `config` on `mesh`, with its sharding (see `train_step`)."""
+  t, s = config.train, config.data.image_size
+  b, u = t.batch_size, t.batch_size * t.mu
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(mesh))
+  return {"images": spec((b + 3 * u, s, s, 3), jnp.uint8), "y": spec((b,), jnp.int32),
+          "u_label": spec((u,), jnp.int32), "u_index": spec((u,), jnp.int32)}
+
+
+def eval_batch_spec(config, mesh) -> dict:
+  """The abstract global eval batch of `config` on `mesh`, with its sharding."""
+  n, s = config.train.eval_batch_size, config.data.image_size
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(mesh))
+  return {"image": spec((n, s, s, 3), jnp.uint8), "label": spec((n,), jnp.int32), "mask": spec((n,), jnp.bool_)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The jitted functions of a run on one mesh, and what they were built with.
+
+  init_state(rng) -> state; init_carry() -> carry; train_step(state, carry, batch, rng) -> (state, carry),
+  donating state and carry (`train_step.guarded_step`); reset_metrics(carry) -> carry with the metric sums
+  zeroed; eval_step(params, batch_stats, batch) -> sums. All are compiled with `compiler_options`.
+  """
+  ctx: steps.StepContext
+  cpu_fast_paths: bool
+  compiler_options: dict
+  metrics_cls: Any
+  loss_keys: tuple[str, ...]
+  init_state: Callable
+  init_carry: Callable
+  train_step: Callable
+  reset_metrics: Callable
+  eval_step: Callable
+
+
+def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, platforms=None,
+                  model=None) -> Program:
+  """Builds (without compiling) the run's jitted functions for `mesh`.
+
+  `platforms` are the platforms the program is meant for (default: those of the mesh's devices). The CPU fast
+  paths (`config.cpu_fast_paths`) follow them, so that a program lowered for TPU or GPU on a CPU machine gets
+  the accelerator layers; the XLA:CPU compiler options apply only where the mesh's devices are CPUs. `model`
+  replaces the configured one (benchmarks of the loop itself).
+  """
+  fast = cpu.enabled(config.cpu_fast_paths, cpu.platforms_of(mesh) if platforms is None else platforms)
+  options = compiler_options.for_run(fast and cpu.platforms_of(mesh) == {"cpu"})
+  model = model or create_model(config.model, num_classes, cpu_fast_paths=fast)
+  ctx = steps.StepContext(model=model, tx=make_optimizer(config), config=config,
+                          class_prior=np.asarray(class_prior, np.float32), mean=np.asarray(mean, np.float32),
+                          std=np.asarray(std, np.float32), mesh=mesh)
+  repl = sharding.replicated(mesh)
+  jit = functools.partial(jax.jit, compiler_options=options or None)
+  init_state = jit(functools.partial(create_train_state, model, ctx.tx, image_size=config.data.image_size,
+                                     num_classes=num_classes, bank_size=config.bank.size), out_shardings=repl)
+  # The metric names are those the step returns, known once it is traced.
+  out_shape = jax.eval_shape(functools.partial(steps.train_step, ctx=ctx), jax.eval_shape(init_state,
+                             jax.random.key(0)), batch_spec(config, mesh), jax.random.key(0))[1]
+  metrics_cls = metrics.train_metrics_collection(out_shape)
+  loss_keys = tuple(k for k in sorted(out_shape) if k.startswith("loss"))
+  step = functools.partial(steps.guarded_step, ctx=ctx, metrics_cls=metrics_cls,
+                           skip_nonfinite=config.train.skip_nonfinite_steps)
+  return Program(
+      ctx=ctx, cpu_fast_paths=fast, compiler_options=options, metrics_cls=metrics_cls, loss_keys=loss_keys,
+      init_state=init_state,
+      init_carry=jit(functools.partial(steps.init_carry, metrics_cls, loss_keys), out_shardings=repl),
+      train_step=jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl)),
+      reset_metrics=jit(lambda carry: {**carry, "metrics": metrics_cls.empty()}, donate_argnums=0,
+                        out_shardings=repl),
+      eval_step=jit(functools.partial(steps.eval_step, ctx=ctx), out_shardings=repl))
+
+
+def local_blocks(mesh) -> int:
+  """This process's devices on the mesh's data axis: the blocks of its part of a train batch."""
+  mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  if not mine:
+    raise ValueError(f"process {jax.process_index()} owns no device of the mesh ({mesh.devices.size} devices); "
+                     "use every device (mesh.data_axis_size=-1) in multi-process runs.")
+  return len(mine)
+
+
 class Trainer:
   """Holds the compiled functions and data of one run; `run()` trains to config.train.total_steps."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, mesh=None, model=None):
     self.config = config
     self.workdir = workdir
     self.is_lead = jax.process_index() == 0
     t = config.train
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = mesh or sharding.make_mesh(config.mesh)
     config_validation.validate(config, num_devices=self.mesh.devices.size, num_processes=jax.process_count())
 
     dataset = datasets.load(config.data)
@@ -67,51 +153,13 @@ class Trainer:
     self.num_classes = dataset.num_classes
     self.groups = metrics.shot_groups(self.data.labeled_counts, config.eval.many_threshold,
                                       config.eval.few_threshold)
-    self.model = create_model(config.model, self.num_classes)
-    self.tx = make_optimizer(config)
-    self.ctx = StepContext(model=self.model, tx=self.tx, config=config, class_prior=self.data.class_prior,
-                           mesh=self.mesh,
-                           mean=np.asarray(dataset.mean, np.float32), std=np.asarray(dataset.std, np.float32))
-    repl = sharding.replicated(self.mesh)
+    self.program = build_program(config, self.mesh, num_classes=self.num_classes,
+                                 class_prior=self.data.class_prior, mean=dataset.mean, std=dataset.std, model=model)
+    self.ctx = self.program.ctx
     self.rng = jax.random.key(config.seed)
-    init = functools.partial(create_train_state, self.model, self.tx, image_size=config.data.image_size,
-                             num_classes=self.num_classes, bank_size=config.bank.size)
-    self.state = jax.jit(init, out_shardings=repl)(jax.random.fold_in(self.rng, 0))
+    self.state = self.program.init_state(jax.random.fold_in(self.rng, 0))
     self.step_rng = jax.random.fold_in(self.rng, 1)
-
-    out_shape = jax.eval_shape(functools.partial(train_step, ctx=self.ctx), self.state,
-                               self._batch_spec(), self.step_rng)[1]
-    self.metric_keys = sorted(out_shape)
-    self.loss_keys = [k for k in self.metric_keys if k.startswith("loss")]
-    self.train_metrics_cls = metrics.train_metrics_collection(self.metric_keys)
-    step_fn = lambda state, guard, batch, rng: self._guarded_step(state, guard, batch, rng)
-    self.train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(repl, repl, repl))
-    self.init_guard = jax.jit(self._init_guard, out_shardings=repl)
-    self.eval_step = jax.jit(functools.partial(eval_step, ctx=self.ctx), out_shardings=repl)
     self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
-
-  def _init_guard(self):
-    """Device-side record of non-finite steps: read on the host only at log and checkpoint steps."""
-    return {"first_bad_step": jnp.array(-1, jnp.int32), "skipped": jnp.array(0, jnp.int32),
-            "terms": {k: jnp.array(0.0, jnp.float32) for k in self.loss_keys}}
-
-  def _guarded_step(self, state, guard, batch, rng):
-    """The train step plus the divergence guard: a step whose loss or gradient norm is NaN/Inf is recorded
-    (its number and loss terms) and, with train.skip_nonfinite_steps, replaced by the old state."""
-    new_state, out = train_step(state, batch, rng, self.ctx)
-    finite = jnp.isfinite(out["loss"]) & jnp.isfinite(out["grad_norm"])
-    first = (guard["first_bad_step"] < 0) & ~finite
-    guard = {"first_bad_step": jnp.where(first, state.step + 1, guard["first_bad_step"]),
-             "skipped": guard["skipped"] + (~finite).astype(jnp.int32),
-             "terms": {k: jnp.where(first, out[k], v) for k, v in guard["terms"].items()}}
-    if self.config.train.skip_nonfinite_steps:
-      # The step still advances: the next batch and schedules follow the step count, not the updates.
-      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-      new_state = kept.replace(step=new_state.step)
-      # Skipped steps leave the averages (clu wants a leading axis on masked values).
-      out = {k: jnp.where(finite, v, 0.0)[None] for k, v in out.items()}
-      return new_state, guard, self.train_metrics_cls.single_from_model_output(**out, mask=finite[None])
-    return new_state, guard, self.train_metrics_cls.single_from_model_output(**out)
 
   def _check_guard(self, guard) -> dict:
     """Raises FloatingPointError naming the first non-finite step and its loss terms (unless skipping)."""
@@ -125,13 +173,11 @@ class Trainer:
           "kept. Lower optim.lr, or set train.skip_nonfinite_steps=True to skip such steps.")
     return g
 
-  def _batch_spec(self):
-    t, s = self.config.train, self.config.data.image_size
-    b, u = t.batch_size, t.batch_size * t.mu
-    img = lambda n: jax.ShapeDtypeStruct((n, s, s, 3), jnp.uint8)
-    lab = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)
-    return {"x": img(b), "y": lab(b), "u_weak": img(u), "u_strong1": img(u), "u_strong2": img(u),
-            "u_label": lab(u), "u_index": lab(u)}
+  def train_batches(self, start: int):
+    """This process's train batches from step `start` on, as numpy arrays laid out for the mesh."""
+    ds = input_pipeline.train_dataset(self.data, self.config, start_step=start, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), blocks=local_blocks(self.mesh))
+    return input_pipeline.as_numpy(ds)
 
   def restore(self) -> int:
     restored = self.checkpointer.restore(self.state)
@@ -146,7 +192,8 @@ class Trainer:
     for batch in input_pipeline.eval_batches(d.test_images, d.test_labels, self.config.train.eval_batch_size,
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count()):
-      out = self.eval_step(self.state.ema_params, self.state.batch_stats, sharding.to_global(batch, self.mesh))
+      out = self.program.eval_step(self.state.ema_params, self.state.batch_stats,
+                                   sharding.to_global(batch, self.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     result = {"standard": metrics.summarize_confusion(sums["confusion"], self.groups),
@@ -180,9 +227,12 @@ class Trainer:
       with gfile.GFile(os.path.join(self.workdir, EVAL_LOG), "a") as f:
         f.write(json.dumps(record, allow_nan=True) + "\n")
 
-  def run(self) -> dict:
+  def run(self, batches=None) -> dict:
     """Trains from the newest good checkpoint to train.total_steps. SIGTERM / SIGINT finish the current
-    step, write a checkpoint and return early (summary["preempted"] is True); the next run resumes there."""
+    step, write a checkpoint and return early (summary["preempted"] is True); the next run resumes there.
+
+    `batches` replaces the input pipeline by an iterator of this process's batches as `train_batches` yields
+    them (benchmarks of the loop)."""
     config, t = self.config, self.config.train
     start = self.restore()
     if self.is_lead:
@@ -198,33 +248,30 @@ class Trainer:
     if self.is_lead:
       hooks.append(periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
                                                    every_steps=t.log_every_steps))
-    ds = input_pipeline.train_dataset(self.data, config, start_step=start, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-    batches = _prefetch_to_mesh(input_pipeline.as_numpy(ds), self.mesh, config.data.prefetch)
-    result = None
-    train_metrics = None
-    guard = self.init_guard()
-    preempted = None
+    batches = _prefetch_to_mesh(self.train_batches(start) if batches is None else batches, self.mesh,
+                                config.data.prefetch)
+    train_step, result, preempted = self.program.train_step, None, None
+    carry = self.program.init_carry()
     t0 = time.time()
     with _PreemptionFlag() as stop:
       for step in range(start, t.total_steps):
-        batch = next(batches)
-        self.state, guard, step_metrics = self.train_step(self.state, guard, batch, self.step_rng)
-        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+        # The only dispatch of a step: metrics and the divergence guard stay on the device until a log step.
+        self.state, carry = train_step(self.state, carry, next(batches), self.step_rng)
         done = step + 1
         for hook in hooks:
           hook(done)
         if done % t.log_every_steps == 0 or done == t.total_steps:
-          g = self._check_guard(guard)
-          values = jax.device_get(train_metrics.compute())
+          g = self._check_guard(carry["guard"])
+          with np.errstate(invalid="ignore"):  # NaN averages where every step of the interval was skipped
+            values = {k: float(v) for k, v in jax.device_get(carry["metrics"]).compute().items()}
           values["skipped_steps"] = int(g["skipped"])
           writer.write_scalars(done, {f"train/{k}": v for k, v in values.items()})
-          train_metrics = None
+          carry = self.program.reset_metrics(carry)
         if done % t.eval_every_steps == 0 or done == t.total_steps:
           result = self.evaluate()
           self._write_eval(writer, done, result)
         if stop.signum is not None or done % t.checkpoint_every_steps == 0 or done == t.total_steps:
-          self._check_guard(guard)  # never save a state reached through a non-finite step
+          self._check_guard(carry["guard"])  # never save a state reached through a non-finite step
           self.checkpointer.save(done, self.state, force=stop.signum is not None)
         if stop.signum is not None:
           preempted = stop.signum
@@ -232,7 +279,7 @@ class Trainer:
                           "command to resume.", preempted, done)
           break
     trained = int(jax.device_get(self.state.step)) - start
-    self.skipped_steps = int(jax.device_get(guard["skipped"]))
+    self.skipped_steps = int(jax.device_get(carry["guard"]["skipped"]))
     self.checkpointer.close()
     if preempted is not None:
       writer.flush()
@@ -350,6 +397,9 @@ def check_workdir_config(config, workdir: str) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   config_validation.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  # Every check that needs the devices runs before the workdir is touched.
+  config_validation.validate(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
   gfile.makedirs(workdir)
   check_workdir_config(config, workdir)
-  return Trainer(config, workdir).run()
+  return Trainer(config, workdir, mesh=mesh).run()

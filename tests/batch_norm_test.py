@@ -1,4 +1,5 @@
-"""BatchNorm: statistics and hand-written gradients against float64 numpy, and flax.linen.BatchNorm parity."""
+"""BatchNorm: statistics and hand-written gradients against float64 numpy, flax.linen.BatchNorm parity, and the
+two-stage channel sums."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,12 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from semi_jax.models import batch_norm
-from semi_jax.models.batch_norm import BatchNorm, batch_norm_train
+from semi_jax.cpu import batch_norm
+from semi_jax.cpu.batch_norm import BatchNorm, batch_norm_train
 
 EPS = 1e-5
-REDUCTIONS = ("matmul", "reduce")
-# Image rows of width 16 (the matmul sums add up groups of 8 pixels first), 4 (groups of 4) and 5 (no groups).
+# Image rows of width 16 (the channel sums add up groups of 8 pixels first), 4 (groups of 4) and 5 (no groups).
 SHAPES = ((8, 5, 5, 3), (3, 2, 16, 4), (4, 3, 4, 2))
 
 
@@ -30,11 +30,10 @@ def numpy_forward(x, scale, bias):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_forward_matches_float64(reduction, shape):
+def test_forward_matches_float64(shape):
   x, scale, bias = inputs(shape=shape)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  y, mean, var = jax.jit(batch_norm_train, static_argnums=(3, 4))(f32(x), f32(scale), f32(bias), EPS, reduction)
+  y, mean, var = jax.jit(batch_norm_train, static_argnums=3)(f32(x), f32(scale), f32(bias), EPS)
   want_y, want_mean, want_var = numpy_forward(x, scale, bias)
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
@@ -42,14 +41,13 @@ def test_forward_matches_float64(reduction, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradients_match_float64(reduction, shape):
+def test_gradients_match_float64(shape):
   x, scale, bias = inputs(1, shape)
   rng = np.random.default_rng(2)
   w, u, v = rng.normal(size=x.shape), rng.normal(size=x.shape[-1]), rng.normal(size=x.shape[-1])
 
   def loss(x, scale, bias):  # every output gets a cotangent, the returned mean and var included
-    y, mean, var = batch_norm_train(x, scale, bias, EPS, reduction)
+    y, mean, var = batch_norm_train(x, scale, bias, EPS)
     return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
 
   f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -70,17 +68,16 @@ def test_gradients_match_float64(reduction, shape):
   np.testing.assert_allclose(np.asarray(g_x).reshape(-1, c), want_x, rtol=1e-4, atol=1e-5)
 
 
-def flax_and_ours(reduction, dtype=jnp.float32):
+def flax_and_ours(dtype=jnp.float32):
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=EPS, dtype=dtype)
-  ours = BatchNorm(use_running_average=False, momentum=0.9, epsilon=EPS, dtype=dtype, reduction=reduction)
+  ours = BatchNorm(use_running_average=False, momentum=0.9, epsilon=EPS, dtype=dtype)
   return flax_bn, ours
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_module_matches_flax_batchnorm(reduction):
+def test_module_matches_flax_batchnorm():
   x, scale, bias = inputs(3)
   x = jnp.asarray(x, jnp.float32)
-  flax_bn, ours = flax_and_ours(reduction)
+  flax_bn, ours = flax_and_ours()
   variables = flax_bn.init(jax.random.key(0), x)
   ours_init = ours.init(jax.random.key(0), x)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), ours_init) == jax.tree.map(lambda a: (a.shape, a.dtype),
@@ -110,7 +107,7 @@ def test_module_matches_flax_batchnorm(reduction):
 
 def test_bfloat16_output_with_float32_statistics():
   x, _, _ = inputs(5)
-  _, ours = flax_and_ours("matmul", jnp.bfloat16)
+  _, ours = flax_and_ours(jnp.bfloat16)
   x = jnp.asarray(x, jnp.bfloat16)
   variables = ours.init(jax.random.key(0), x)
   y, stats = ours.apply(variables, x, mutable=["batch_stats"])
@@ -125,7 +122,7 @@ def test_bfloat16_output_with_float32_statistics():
 def test_same_statistics_and_gradients_with_the_batch_sharded_over_eight_devices(axis_type, shape):
   x, scale, bias = inputs(6, shape=shape)
   f = jax.jit(jax.value_and_grad(
-      lambda x, s, b: jnp.sum(jnp.tanh(batch_norm_train(x, s, b, EPS, "matmul")[0])), argnums=(0, 1, 2)))
+      lambda x, s, b: jnp.sum(jnp.tanh(batch_norm_train(x, s, b, EPS)[0])), argnums=(0, 1, 2)))
   args = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
   mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
   sharded = jax.device_put(args[0], NamedSharding(mesh, P("data")))
@@ -133,11 +130,6 @@ def test_same_statistics_and_gradients_with_the_batch_sharded_over_eight_devices
   # Sharding changes the order of the float32 additions; 1e-5 absolute on gradients of size ~1.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                f(sharded, *args[1:]), f(*single))
-
-
-def test_unknown_reduction_is_a_clear_error():
-  with pytest.raises(ValueError, match="reduction must be one of"):
-    BatchNorm(use_running_average=False, reduction="tree").init(jax.random.key(0), jnp.ones((2, 3)))
 
 
 @pytest.mark.parametrize("shape, group", [((2, 3, 16, 4), 8), ((2, 3, 12, 4), 4), ((2, 3, 6, 4), 2),
@@ -154,10 +146,10 @@ def test_pixel_group_sums_add_neighbouring_pixels_of_one_row(shape, group):
 
 
 @pytest.mark.parametrize("shape", SHAPES + ((6, 4),))
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_channel_sums_match_numpy(reduction, shape):
+def test_channel_sums_match_numpy(shape):
   rng = np.random.default_rng(8)
   arrays = [rng.normal(size=shape).astype(np.float32) for _ in range(2)]
-  got = jax.jit(batch_norm._channel_sums, static_argnums=1)(tuple(map(jnp.asarray, arrays)), reduction)
+  got = jax.jit(batch_norm._channel_sums)(*map(jnp.asarray, arrays))
+  assert len(got) == 2
   for a, g in zip(arrays, got):
     np.testing.assert_allclose(g, a.reshape(-1, shape[-1]).astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)

@@ -1,15 +1,26 @@
-"""The benchmark script runs end to end on the tiny setting and writes a complete, valid JSON report."""
+"""The benchmark script runs end to end on the tiny setting and writes a complete, valid JSON report.
+
+In process the benchmarks run with `--cpu_fast_paths=off`: 'auto' would apply the fast paths' malloc settings to
+the test process itself (they are process-wide). The command itself runs with 'auto' in a subprocess, from
+another working directory."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
-from semi_jax import bench
+from semi_jax.tools import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_PROCESS = ["--quick", "--cpu_fast_paths=off"]
 
 
 def test_quick_bench_writes_valid_json(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  bench.main(["--quick", "--steps=2", "--bank_calls=2", "--input_seconds=0.2", f"--out={out}"])
+  bench.main([*IN_PROCESS, "--steps=2", "--bank_calls=2", "--input_seconds=0.2", "--loop_steps=30",
+              f"--out={out}"])
   result = json.loads(out.read_text())
 
   assert set(result["train_step"]) == {"semi", "acr", "fixmatch"}
@@ -27,16 +38,38 @@ def test_quick_bench_writes_valid_json(tmp_path, capsys):
   assert result["input_pipeline"]["weak_2strong_images_per_s"] > 0
   env = result["environment"]
   assert env["device_count"] >= 1 and env["jax"] and "xla_flags" in env
+  assert env["cpu_fast_paths"] is False and env["compiler_options"] == {}
+  loop = result["training_loop"]
+  assert loop["steps"] == 30 and loop["devices"] == 8 and loop["ms_per_step"] > 0
+  assert math.isclose(loop["steps_per_s"], 1000.0 / loop["ms_per_step"], rel_tol=1e-9)
+  assert 0 < loop["loop_thread_cpu_ms_per_step"] and 0 < loop["synchronous_step_ms"]
 
   printed = capsys.readouterr().out
   for algo in ("semi", "acr", "fixmatch"):
     assert algo in printed
   assert "SeMi extra cost over fixmatch" in printed
+  assert "training loop (semi_jax.train, trivial model, 8 device(s))" in printed
+
+
+def test_the_command_runs_from_another_directory_with_the_cpu_fast_paths(tmp_path):
+  """`python -m semi_jax.tools.bench` finds its default config by path, not as the `configs` package of the
+  working directory; on CPUs 'auto' turns the fast paths on, compiler options included."""
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, "-m", "semi_jax.tools.bench", "--quick", "--algos=semi", "--steps=1",
+                      "--bank_calls=1", "--input_seconds=0", "--loop_steps=0", f"--out={out}"],
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  env = json.loads(out.read_text())["environment"]
+  assert env["cpu_fast_paths"] is True
+  assert env["compiler_options"] == {"xla_cpu_experimental_ynn_fusion_type": "",
+                                     "xla_cpu_experimental_onednn_custom_call": True}
+  assert env["host_malloc"] == "one arena, no mmap, no trim"
 
 
 def test_profile_summarises_the_traced_step(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  bench.main(["--quick", "--steps=1", "--algos=semi", "--bank_calls=1", "--input_seconds=0",
+  bench.main([*IN_PROCESS, "--steps=1", "--algos=semi", "--bank_calls=1", "--input_seconds=0", "--loop_steps=0",
               f"--profile={tmp_path / 'trace'}", f"--out={out}"])
   profile = json.loads(out.read_text())["train_step"]["semi"]["profile"]
   assert profile["step_wall_ms"] > 0 and profile["top_op_kinds_ms"]
@@ -51,12 +84,14 @@ def test_rejects_bad_arguments():
     bench.run(steps=0, quick=True)
   with pytest.raises(ValueError, match="algos"):
     bench.run(steps=1, quick=True, algos=())
+  with pytest.raises(ValueError, match="loop_steps"):
+    bench.run(steps=1, quick=True, loop_steps=-1)
 
 
 def test_fraction_of_a_given_peak(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  bench.main(["--quick", "--steps=1", "--algos=semi", "--bank_calls=1", "--input_seconds=0", "--peak_tflops=0.5",
-              f"--out={out}"])
+  bench.main([*IN_PROCESS, "--steps=1", "--algos=semi", "--bank_calls=1", "--input_seconds=0", "--loop_steps=0",
+              "--peak_tflops=0.5", f"--out={out}"])
   result = json.loads(out.read_text())
   r = result["train_step"]["semi"]
   assert result["peak_tflops"] == 0.5

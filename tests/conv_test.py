@@ -1,11 +1,6 @@
 """Conv: outputs and both gradients against float64 numpy, parity with flax.linen.Conv, sharded batches, and
-the XLA:CPU program it compiles to (oneDNN forward and input gradient, Eigen kernel gradient)."""
-import ast
-import os
-import pathlib
-import subprocess
-import sys
-
+the XLA:CPU program it compiles to with the run's compiler options (oneDNN forward and input gradient, Eigen
+kernel gradient)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,10 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from semi_jax.models.conv import (Conv, _chunk_count, _input_grad_by_phase, _kernel_grad_by_phase,
-                                  conv_reversed_weight_grad)
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from semi_jax.cpu import compiler_options
+from semi_jax.cpu.conv import (Conv, _chunk_count, _input_grad_by_phase, _kernel_grad_by_phase,
+                               conv_reversed_weight_grad)
 
 # (batch, height, width, in channels, out channels, kernel, stride): odd and even sizes, the 1x1 shortcut,
 # and the strided convolutions that start WideResNet's second and third stages.
@@ -70,29 +64,46 @@ def test_output_and_gradients_match_float64(shape):
   np.testing.assert_allclose(g_w, want_w, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("weight_grad", ["reversed", "autodiff"])
+def relative_error(got, want):
+  """||got - want|| / ||want||, in float64."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+# The parity shapes take each branch of the custom backward pass: a stride-2 3x3 convolution (input gradient by
+# phase), the strided 1x1 shortcut (kernel gradient by phase too), and a batch in 3 groups of 16 images.
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[5]], ids=["3x3/2", "1x1/2", "48_images"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_same_parameters_outputs_and_gradients_as_flax_conv(weight_grad, dtype):
-  x, _, k, stride, pad = case(SHAPES[2], seed=2)
+def test_same_parameters_outputs_and_gradients_as_flax_conv(dtype, shape):
+  x, _, k, stride, pad = case(shape, seed=2)
   x = jnp.asarray(x, jnp.float32)
   init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-  ours = Conv(6, (k, k), (stride, stride), padding=pad, kernel_init=init, dtype=dtype, weight_grad=weight_grad)
-  flax_conv = nn.Conv(6, (k, k), (stride, stride), padding=pad, use_bias=False, kernel_init=init, dtype=dtype)
+  features = shape[4]
+  ours = Conv(features, (k, k), (stride, stride), padding=pad, kernel_init=init, dtype=dtype)
+  flax_conv = lambda dtype: nn.Conv(features, (k, k), (stride, stride), padding=pad, use_bias=False,
+                                    kernel_init=init, dtype=dtype)
   variables = ours.init(jax.random.key(0), x)
-  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, flax_conv.init(jax.random.key(0), x))
-  np.testing.assert_array_equal(variables["params"]["kernel"],
-                                flax_conv.init(jax.random.key(0), x)["params"]["kernel"])
+  flax_variables = flax_conv(dtype).init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, flax_variables)
+  np.testing.assert_array_equal(variables["params"]["kernel"], flax_variables["params"]["kernel"])
   loss = lambda module: lambda v, x: jnp.sum(jnp.sin(module.apply(v, x).astype(jnp.float32)))
+  grads = lambda module: jax.jit(jax.grad(loss(module), argnums=(0, 1)))(variables, x)
   tol = 1e-5 if dtype == jnp.float32 else 3e-2
   y = ours.apply(variables, x)
   assert y.dtype == dtype
-  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(flax_conv.apply(variables, x), np.float32),
-                             rtol=tol, atol=tol)
-  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
-  want = jax.jit(jax.grad(loss(flax_conv), argnums=(0, 1)))(variables, x)
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(flax_conv(dtype).apply(variables, x), np.float32), rtol=tol, atol=tol)
+  got, want = grads(ours), grads(flax_conv(dtype))
   assert got[0]["params"]["kernel"].dtype == jnp.float32
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                                       rtol=tol, atol=tol * 10), got, want)
+  if dtype == jnp.float32:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), got, want)
+    return
+  # The two gradient codes round differently in bfloat16: hold both to flax's float32 gradients instead, within
+  # 1 % in norm (bfloat16's unit roundoff is 0.4 %; both measured 0.2-0.6 %).
+  reference = grads(flax_conv(jnp.float32))
+  for name, ref, ours_g, flax_g in zip(("kernel", "input"), *map(jax.tree.leaves, (reference, got, want))):
+    assert relative_error(ours_g, ref) < 1e-2, f"{name} gradient: {relative_error(ours_g, ref):.4f}"
+    assert relative_error(flax_g, ref) < 1e-2, f"flax's {name} gradient: {relative_error(flax_g, ref):.4f}"
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
@@ -110,54 +121,52 @@ def test_same_gradients_with_the_batch_sharded_over_eight_devices(axis_type):
                f(sharded, replicated), f(*single))
 
 
-# Runs in a fresh interpreter with semi_jax's default XLA flags (the suite's conftest turns oneDNN off).
-_DEFAULT_FLAGS_CHECK = """
-import sys
-import jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, sys.argv[1])
-import conv_test as t
-from semi_jax.models.conv import conv_reversed_weight_grad
+@pytest.fixture
+def fully_optimised():
+  """XLA's full optimisation, as users run it (tests/conftest.py turns most of it off)."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
 
-def hlo(f, *args):
-  return jax.jit(f).lower(*args).compile().as_text()
 
-onednn = "__onednn$convolution"
-counts = []
-for shape in t.SHAPES[:3] + t.SHAPES[5:6]:  # the last in 3 groups of 16 images
-  x, w, k, stride, pad = t.case(shape)
+ONEDNN = "__onednn$convolution"
+
+
+# XLA cannot serialise programs with oneDNN calls, so the suite's persistent compilation cache warns and skips them.
+@pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[5:6], ids=["3x3/1", "3x3/2", "3x3/2_odd", "48_images"])
+def test_with_the_compiler_options_onednn_runs_forward_and_input_gradient_and_eigen_the_kernel_gradient(
+    shape, fully_optimised):
+  """The point of the module, in the configuration users run (full optimisation, the run's compiler options):
+  oneDNN computes the forward and the input-gradient convolutions (strided ones too), XLA's own (Eigen)
+  convolution the kernel gradient, and all three still match float64 numpy. Without the options, no oneDNN."""
+  options = compiler_options.for_run(True, xla_flags="")  # not the suite's XLA_FLAGS, which turn oneDNN off
+  assert options.get("xla_cpu_experimental_onednn_custom_call") is True, options
+  x, w, k, stride, pad = case(shape)
   conv = lambda x, w: conv_reversed_weight_grad(x, w, (stride, stride), ((pad, pad), (pad, pad)))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  y, vjp = jax.vjp(conv, f32(x), f32(w))
-  g = np.random.default_rng(1).normal(size=y.shape)
-  g_x, g_w = jax.jit(vjp)(f32(g))
-  want_x, want_w = t.numpy_grads(x, w, g, stride, pad)
-  np.testing.assert_allclose(y, t.numpy_conv(x, w, stride, pad), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(g_x, want_x, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(g_w, want_w, rtol=1e-5, atol=1e-4)
+  x32, w32 = f32(x), f32(w)
+  g = np.random.default_rng(1).normal(size=jax.eval_shape(conv, x32, w32).shape)
   backward = lambda x, w, g: jax.vjp(conv, x, w)[1](g)
-  counts.append((hlo(conv, f32(x), f32(w)).count(onednn),
-                 hlo(lambda x, w, g: backward(x, w, g)[0], f32(x), f32(w), f32(g)).count(onednn),
-                 hlo(lambda x, w, g: backward(x, w, g)[1], f32(x), f32(w), f32(g)).count(onednn)))
-print("COUNTS", counts)
-"""
-
-
-def test_with_the_default_flags_onednn_runs_forward_and_input_gradient_and_eigen_the_kernel_gradient():
-  """The point of the module, in the configuration users run (full optimisation, semi_jax's XLA flags): oneDNN
-  computes the forward and the input-gradient convolutions (strided ones too), XLA's own (Eigen) convolution the kernel
-  gradient, and all three still match float64 numpy."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-  result = subprocess.run([sys.executable, "-c", _DEFAULT_FLAGS_CHECK, str(pathlib.Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  counts = [line for line in result.stdout.splitlines() if line.startswith("COUNTS")]
-  assert len(counts) == 1, result.stdout
-  counts = ast.literal_eval(counts[0].removeprefix("COUNTS "))  # [(forward, input grad, kernel grad)] per shape
-  assert [forward for forward, _, _ in counts] == [1, 1, 1, 1]
-  # One convolution at stride 1; at stride 2 one per phase of the input grid (a 3x3 kernel reaches all four).
-  assert [input_grad for _, input_grad, _ in counts] == [1, 4, 4, 1]
-  assert [kernel_grad for _, _, kernel_grad in counts] == [0, 0, 0, 0]
+  programs = {"forward": (conv, (x32, w32)),
+              "input gradient": (lambda x, w, g: backward(x, w, g)[0], (x32, w32, f32(g))),
+              "kernel gradient": (lambda x, w, g: backward(x, w, g)[1], (x32, w32, f32(g)))}
+  compiled = {name: jax.jit(f, compiler_options=options).lower(*args).compile()
+              for name, (f, args) in programs.items()}
+  want_x, want_w = numpy_grads(x, w, g, stride, pad)
+  np.testing.assert_allclose(compiled["forward"](x32, w32), numpy_conv(x, w, stride, pad), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(compiled["input gradient"](*programs["input gradient"][1]), want_x, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(compiled["kernel gradient"](*programs["kernel gradient"][1]), want_w, rtol=1e-5,
+                             atol=1e-4)
+  counts = {name: program.as_text().count(ONEDNN) for name, program in compiled.items()}
+  # How many calls (one per input phase at stride 2, ...) is XLA's choice; that the kernel gradient has none is
+  # what the custom backward pass is for.
+  assert counts["forward"] >= 1 and counts["input gradient"] >= 1, counts
+  assert counts["kernel gradient"] == 0, counts
+  plain = {name: jax.jit(f).lower(*args).compile().as_text().count(ONEDNN) for name, (f, args) in programs.items()}
+  assert plain == {name: 0 for name in programs}, plain
 
 
 # (height, width, kernel, stride, padding): odd and even sizes, strides 2 and 3, a kernel smaller than the stride
@@ -195,8 +204,6 @@ def test_kernel_gradient_groups_have_at_least_sixteen_images():
   assert [_chunk_count(n) for n in (1, 15, 16, 31, 32, 34, 48, 64, 250, 256)] == [1, 1, 1, 1, 2, 2, 3, 4, 10, 16]
 
 
-def test_unknown_weight_grad_and_wrong_rank_are_clear_errors():
-  with pytest.raises(ValueError, match="weight_grad must be one of"):
-    Conv(4, (3, 3), weight_grad="fast").init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))
+def test_wrong_rank_is_a_clear_error():
   with pytest.raises(ValueError, match="NHWC images of rank 4"):
     Conv(4, (3, 3)).init(jax.random.key(0), jnp.ones((4, 4, 3)))

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from configs import test as test_config
-from semi_jax import datasets, input_pipeline
+from semi_jax import augment, datasets, input_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def setup():
 
 
 def _take(config, data, n, **kw):
-  ds = input_pipeline.train_dataset(data, config, **kw)
+  ds = input_pipeline.train_views(data, config, **kw)
   return [b for _, b in zip(range(n), input_pipeline.as_numpy(ds))]
 
 
@@ -71,16 +71,43 @@ def test_each_pass_visits_every_unlabeled_example_once(setup, full):
                     for p in range(epoch * n_u, (epoch + 1) * n_u)])
     np.testing.assert_array_equal(np.sort(idx), np.arange(n_u))
     assert not np.array_equal(idx, np.arange(n_u))
-  # labeled images come from the labeled subset only, with their own labels
-  lab = full[0]
-  labels_of_subset = data.dataset.train_labels[data.labeled_idx]
-  assert set(lab["y"]) <= set(labels_of_subset)
+  # Labeled examples come from the labeled subset in the stream's order, each with its own label, and each image
+  # is the weak view of that example (the augmentation is a function of the stream position).
+  n_x = len(data.labeled_idx)
+  key = input_pipeline._stream_key(config.seed, input_pipeline.LABELED_STREAM)
+  for step, batch in enumerate(full[:2]):
+    for row, pos in enumerate(range(step * config.train.batch_size, (step + 1) * config.train.batch_size)):
+      pick = data.labeled_idx[int(input_pipeline._lookup(tf.constant(pos, tf.int64), n_x, key))]
+      assert batch["y"][row] == data.dataset.train_labels[pick]
+      view = augment.labeled_view(tf.constant(data.dataset.train_images[pick]),
+                                  input_pipeline._aug_seed(key, tf.constant(pos, tf.int64)),
+                                  pad_fraction=config.data.pad_fraction)
+      np.testing.assert_array_equal(batch["x"][row], view.numpy())
 
 
 def test_batch_that_does_not_divide_over_processes_is_a_clear_error(setup):
   config, data = setup
-  with pytest.raises(ValueError, match="does not divide over 3 processes"):
-    input_pipeline.train_dataset(data, config, process_count=3)
+  with pytest.raises(ValueError, match="divisible by the 3 JAX processes"):
+    input_pipeline.train_views(data, config, process_count=3)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 8])
+def test_train_batches_pack_the_views_device_block_by_device_block(setup, full, blocks):
+  """`train_dataset` packs the views for `blocks` devices; `train_step.split_views` recovers them in order."""
+  from semi_jax.train_step import split_views
+  config, data = setup
+  packed = next(input_pipeline.as_numpy(input_pipeline.train_dataset(data, config, blocks=blocks)))
+  views = full[0]
+  assert set(packed) == {"images", "y", "u_label", "u_index"}
+  b, u = config.train.batch_size, config.train.batch_size * config.train.mu
+  assert packed["images"].shape == (b + 3 * u,) + views["x"].shape[1:] and packed["images"].dtype == np.uint8
+  rows = packed["images"].reshape((blocks, -1) + views["x"].shape[1:])
+  # Block d starts with the d-th slice of the labeled batch.
+  np.testing.assert_array_equal(rows[:, :b // blocks].reshape(views["x"].shape), views["x"])
+  for name, got in zip(input_pipeline.VIEWS, split_views(packed["images"], b, u, blocks)):
+    np.testing.assert_array_equal(np.asarray(got), views[name], err_msg=name)
+  for k in ("y", "u_label", "u_index"):
+    np.testing.assert_array_equal(packed[k], views[k])
 
 
 @pytest.mark.parametrize("processes", [1, 2, 4])

@@ -32,9 +32,26 @@ def _reference_count(depth, width, num_classes, channels_in=3):
   return total
 
 
+@pytest.mark.parametrize("cpu_fast_paths", [False, True])
 @pytest.mark.parametrize("depth,width", [(28, 2), (10, 1), (16, 4)])
-def test_param_count_matches_hand_count(depth, width):
-  assert _param_count(WideResNet(10, depth, width)) == _reference_count(depth, width, 10)
+def test_param_count_matches_hand_count(depth, width, cpu_fast_paths):
+  model = WideResNet(10, depth, width, cpu_fast_paths=cpu_fast_paths)
+  assert _param_count(model) == _reference_count(depth, width, 10)
+
+
+def test_the_cpu_fast_paths_layers_have_flax_variables_and_outputs():
+  """Same variable names, shapes and initial values with semi_jax.cpu's layers as with flax's, so checkpoints
+  and converted weights load into either; and the same outputs in eval and train mode."""
+  x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+  flax_model, cpu_model = WideResNet(7, 10, 2), WideResNet(7, 10, 2, cpu_fast_paths=True)
+  variables = flax_model.init(jax.random.key(0), x, train=False)
+  cpu_variables = cpu_model.init(jax.random.key(0), x, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(cpu_variables)
+  jax.tree.map(np.testing.assert_array_equal, variables, cpu_variables)
+  for train in (False, True):
+    got = cpu_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+    want = flax_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
 def test_wrn_28_2_is_about_1_47m():

@@ -7,8 +7,6 @@
   single-process 8-device run, and that checkpoint restores in a single process;
 * `distributed.plan` reads the environment as documented.
 """
-import dataclasses
-import functools
 import json
 import os
 import signal
@@ -20,9 +18,10 @@ import jax
 import numpy as np
 import pytest
 
+from step_helpers import run_steps, view_batches
+
 from configs import test as test_config
-from semi_jax import distributed, input_pipeline, sharding, train
-from semi_jax.train_step import train_step
+from semi_jax import distributed, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 4
@@ -45,28 +44,14 @@ def trainer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_device_run(trainer):
-  batches = [b for _, b in zip(range(2), input_pipeline.as_numpy(
-      input_pipeline.train_dataset(trainer.data, trainer.config)))]
-  return batches, _run_steps(trainer, jax.devices()[:1], batches)
-
-
-def _run_steps(trainer, devices, batches):
-  mesh = sharding.make_mesh(devices=devices)
-  repl = sharding.replicated(mesh)
-  ctx = dataclasses.replace(trainer.ctx, mesh=mesh)
-  step = jax.jit(functools.partial(train_step, ctx=ctx), out_shardings=(repl, repl))
-  state = jax.device_put(jax.device_get(trainer.state), repl)
-  outs = []
-  for b in batches:
-    state, out = step(state, sharding.to_global(b, mesh), trainer.step_rng)
-    outs.append(out)
-  return jax.device_get(state), jax.device_get(outs)
+  batches = view_batches(trainer, 2)
+  return batches, run_steps(trainer, sharding.make_mesh(devices=jax.devices()[:1]), batches)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_semi_steps_equal_on_n_devices(trainer, one_device_run, n):
   batches, (s1, o1) = one_device_run
-  sn, on = _run_steps(trainer, jax.devices()[:n], batches)
+  sn, on = run_steps(trainer, sharding.make_mesh(devices=jax.devices()[:n]), batches)
   _assert_trees_close(sn, s1)
   for a, b in zip(on, o1):
     for k in a:

@@ -2,13 +2,14 @@
 
 The arrays were produced once by the reference code (tests/data/README.md says how); this test needs only numpy
 and semi_jax. Compared, each within 1e-4 unless noted:
-- the converted WideResNet-10-2: features and both heads' logits in eval and train mode, and the running
-  statistics after one train-mode pass (torch's running_var uses the unbiased batch variance, flax's the biased
-  one: the torch value is corrected by n / (n - 1) before comparing, n = batch * height * width);
-- the SeMi objective of `compute_objective` (Lx, Lx_b, Lu, Lu_b, Lcons, total) after the warm-up, with prototype
-  mixing, OHEM weights, a memory bank filled by the reference's own pushes, a non-zero consistency centre and the
-  class weights of the reference's frequency monitor; and the state the step hands on (pushed candidates,
-  consistency centre).
+- the converted WideResNet-10-2, built both with flax's layers and with the CPU fast paths (`cpu_fast_paths`,
+  semi_jax/cpu/): features and both heads' logits in eval and train mode, and the running statistics after one
+  train-mode pass (torch's running_var uses the unbiased batch variance, flax's the biased one: the torch value
+  is corrected by n / (n - 1) before comparing, n = batch * height * width);
+- the SeMi objective of `objective.compute_objective` (Lx, Lx_b, Lu, Lu_b, Lcons, total) after the warm-up, with
+  prototype mixing, OHEM weights, a memory bank filled by the reference's own pushes, a non-zero consistency
+  centre and the class weights of the reference's frequency monitor; and the state the step hands on (pushed
+  candidates, and the consistency centre after `semi_state.update`).
 
 Where semi_jax deliberately differs from the reference (spec, Known bugs), it is set to the reference behaviour:
 `ssl.reference_row_order=True` (feature rows of the interleaved batch), `plce.renormalize=False`, the
@@ -25,11 +26,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from semi_jax import config_validation, convert, memory_bank
+from semi_jax import config_validation, convert, memory_bank, objective, semi_state
 from semi_jax.models.wide_resnet import WideResNet
-from semi_jax.state import init_semi_state
-from semi_jax.train_step import (StepContext, compute_objective, interleave_rows, monitor_class_weight,
-                                 prototype_targets)
 
 TOL = 1e-4
 REF = np.load(pathlib.Path(__file__).parent / "data" / "reference_wrn.npz")
@@ -60,10 +58,11 @@ def converted():
   return variables, report
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[False, True], ids=["flax_layers", "cpu_fast_paths"])
+def model(request):
+  """The model with flax's Conv / BatchNorm and with the custom CPU layers: both must match the reference."""
   return WideResNet(num_classes=int(SETTING["num_classes"]), depth=int(SETTING["depth"]),
-                    width=int(SETTING["width"]))
+                    width=int(SETTING["width"]), cpu_fast_paths=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -179,24 +178,31 @@ def reference_semi_state(num_classes, feature_dim):
   bank = memory_bank.MemoryBank.from_ranked(bank_feats, bank_conf, np.ones((num_classes, size), bool),
                                             np.zeros((num_classes, size), bool))
   epoch_before = int(SETTING["epoch"]) - 1  # the monitor's weights come from the end of the previous epoch
-  class_weight = monitor_class_weight(jnp.asarray(REF["semi/label_counts"]), epoch_before, float(SETTING["df"]),
-                                      "frequency")
-  semi = init_semi_state(num_classes, feature_dim, size)
+  class_weight = semi_state.monitor_class_weight(jnp.asarray(REF["semi/label_counts"]), epoch_before,
+                                                 float(SETTING["df"]), "frequency")
+  semi = semi_state.init(num_classes, feature_dim, size)
   return semi.replace(bank=bank, class_weight=class_weight, qbar=jnp.asarray(REF["semi/qbar"]))
 
 
-def run_objective(train_outputs, model, **overrides):
+def views(rows):
+  """concat(x, u_w, u_s, u_s1) rows (mu = 1: B of each) as the objective's four groups."""
+  return objective.Views(*np.split(np.asarray(rows), 4))
+
+
+def run_objective(train_outputs, **overrides):
+  """(total, metrics, aux, SeMi state after the step) of the reference step on the model's train outputs."""
   logits, logits_b, feats, _ = train_outputs
   cfg = reference_config(**overrides)
-  ctx = StepContext(model=model, tx=None, config=cfg, class_prior=SETTING["py"], mean=np.zeros(3),
-                    std=np.ones(3))
   step = int(SETTING["epoch"]) * int(SETTING["eval_step"]) + int(SETTING["batch_idx"])
-  inputs = reference_inputs()
-  batch = {"x": inputs[:B], "y": jnp.asarray(REF["inputs/y"], jnp.int32), "u_weak": inputs[B:2 * B],
-           "u_label": jnp.full((B,), -1, jnp.int32)}
   semi = reference_semi_state(int(SETTING["num_classes"]), feats.shape[1])
-  objective = jax.jit(lambda lo, lb, f, bt, s, st: compute_objective(lo, lb, f, bt, s, st, ctx))
-  return objective(logits, logits_b, feats, batch, semi, jnp.asarray(step, jnp.int32))
+
+  def step_fn(lo, lb, f, y, u_label, s, st):
+    total, metrics, aux = objective.compute_objective(lo, lb, f, y, u_label, s, st, cfg, SETTING["py"])
+    next_semi, _ = semi_state.update(s, aux, st, cfg)
+    return total, metrics, aux, next_semi
+
+  return jax.jit(step_fn)(views(logits), views(logits_b), views(feats), jnp.asarray(REF["inputs/y"], jnp.int32),
+                          jnp.full((B,), -1, jnp.int32), semi, jnp.asarray(step, jnp.int32))
 
 
 LOSS_NAMES = {"Lx": "loss_x", "Lx_b": "loss_x_b", "Lu": "loss_u", "Lu_b": "loss_u_b", "Lcons": "loss_cons",
@@ -211,40 +217,40 @@ def test_reference_state_feeds_the_objective_as_in_the_reference():
   # The setting exercises every part: some examples above the threshold and some below, on both heads.
   assert 0 < REF["step/mask_ss_t"].sum() < B and 0 < REF["step/mask_ss_b_h2"].sum() < B
   # Prototype soft labels of the reference's "f(u_s)" rows (rows 2B..3B of the interleaved features).
-  targets_pc = prototype_targets(jnp.asarray(REF["step/feature_rows"][2 * B:3 * B]), protos, has_proto,
-                                 float(SETTING["tau_tar"]))
+  targets_pc = objective.prototype_targets(jnp.asarray(REF["step/feature_rows"][2 * B:3 * B]), protos, has_proto,
+                                           float(SETTING["tau_tar"]))
   assert max_diff(targets_pc, REF["step/targets_pc"]) < TOL
   assert float(REF["loss/Lcons"]) > 0 and float(REF["loss/Lu"]) > 0
 
 
-def test_loss_terms_match_the_reference(train_outputs, model):
-  _, metrics, aux = run_objective(train_outputs, model)
+def test_loss_terms_match_the_reference(train_outputs):
+  _, metrics, aux, next_semi = run_objective(train_outputs)
   for ref_name, name in LOSS_NAMES.items():
     assert abs(float(metrics[name]) - float(REF[f"loss/{ref_name}"])) < TOL, ref_name
   assert abs(float(metrics["ohem_weight"]) - float(np.mean(REF["step/ohem_weights"]))) < TOL
 
   # What the step hands to the bank and the consistency centre.
   ref_pl = REF["step/pseudo_label"]
-  np.testing.assert_array_equal(np.asarray(aux["target"]), ref_pl.argmax(1))
-  assert max_diff(aux["conf"], ref_pl.max(1)) < TOL
-  np.testing.assert_array_equal(np.asarray(aux["mask_ss"]), REF["step/mask_ss_t"] > 0)
-  pushed = np.concatenate([np.asarray(f) for f in aux["f_us"]])  # train_step pushes both views, conf twice
+  np.testing.assert_array_equal(np.asarray(aux.target), ref_pl.argmax(1))
+  assert max_diff(aux.conf, ref_pl.max(1)) < TOL
+  np.testing.assert_array_equal(np.asarray(aux.mask), REF["step/mask_ss_t"] > 0)
+  pushed = np.concatenate([np.asarray(f) for f in aux.f_strong])  # semi_state.update pushes both views, conf twice
   assert max_diff(pushed, REF["step/push_features"]) < TOL
-  np.testing.assert_array_equal(np.tile(np.asarray(aux["target"]), 2), REF["step/push_classes"])
-  assert max_diff(np.tile(np.asarray(aux["conf"]), 2), REF["step/push_confidences"]) < TOL
-  np.testing.assert_array_equal(np.tile(np.asarray(aux["mask_ss"]), 2), REF["step/push_mask"] > 0)
-  assert max_diff(aux["qbar"], REF["step/qbar"]) < TOL
+  np.testing.assert_array_equal(np.tile(np.asarray(aux.target), 2), REF["step/push_classes"])
+  assert max_diff(np.tile(np.asarray(aux.conf), 2), REF["step/push_confidences"]) < TOL
+  np.testing.assert_array_equal(np.tile(np.asarray(aux.mask), 2), REF["step/push_mask"] > 0)
+  assert max_diff(next_semi.qbar, REF["step/qbar"]) < TOL
 
 
 def test_feature_rows_follow_the_reference_interleave(train_outputs):
   *_, feats, _ = train_outputs
-  assert max_diff(interleave_rows(jnp.asarray(feats), 4), REF["step/feature_rows"]) < TOL
+  assert max_diff(objective.interleave_rows(jnp.asarray(feats), 4), REF["step/feature_rows"]) < TOL
 
 
-def test_the_reference_switches_matter(train_outputs, model):
+def test_the_reference_switches_matter(train_outputs):
   """semi_jax's own choices (normalised mixed pseudo-labels, each image's own features) change the loss beyond
   the tolerance on this batch, so the comparison above really exercises the reference switches."""
-  _, metrics, _ = run_objective(train_outputs, model, **{"plce.renormalize": True})
+  _, metrics, _, _ = run_objective(train_outputs, **{"plce.renormalize": True})
   assert abs(float(metrics["loss_u"]) - float(REF["loss/Lu"])) > 10 * TOL
-  _, metrics, _ = run_objective(train_outputs, model, **{"ssl.reference_row_order": False})
+  _, metrics, _, _ = run_objective(train_outputs, **{"ssl.reference_row_order": False})
   assert abs(float(metrics["loss_cons"]) - float(REF["loss/Lcons"])) > 10 * TOL

@@ -1,19 +1,19 @@
-"""BatchNorm with a hand-written backward pass and per-channel sums that can run as matrix products.
+"""CPU fast path: BatchNorm with a hand-written backward pass and per-channel sums in two stages.
 
 A drop-in for `flax.linen.BatchNorm` as WideResNet uses it (same variables: params `scale`/`bias`, batch_stats
 `mean`/`var`; same statistics: E[x^2] - E[x]^2 in float32, the biased variance in the running average).
 
 Why not flax's: on XLA:CPU a reduction over (N, H, W) with the channels kept is slow. XLA splits it into a
 `reduce-window` tree that runs at a fraction of memory bandwidth; in the WRN-28-2 train step the BatchNorm
-reductions of the forward and the backward took over a third of the step. With `reduction='matmul'` each sum is
-done in two stages instead: one loop adds up groups of 8 neighbouring pixels of an image row for both sums a
-pass needs (x and x * x, or g and g * x: a variadic reduce reads x once and writes an eighth of it twice), and
-a `ones @ X` matrix product adds up the rest. In the train step this ran 10 % faster than a `ones @ X` over all
-rows with the sums of products as the diagonal of `X^T Y` (which cost C times the FLOPs of the product; the
-two stages as separate reduces gave 7 %, one reduce over [x, x * x] concatenated was slower), and several
-times faster than XLA's reduction. On GPU and TPU reductions are fast, so `reduction='auto'` uses the two
-stages on CPU only. The backward pass is written out (`jax.custom_vjp`) so that it needs exactly two channel
-sums, sum(g) and sum(g * x), instead of the ones autodiff derives.
+reductions of the forward and the backward took over a third of the step. Here each sum is done in two stages
+instead: one loop adds up groups of 8 neighbouring pixels of an image row for both sums a pass needs (x and x * x,
+or g and g * x: a variadic reduce reads x once and writes an eighth of it twice), and a `ones @ X` matrix product
+adds up the rest. In the train step this ran 10 % faster than a `ones @ X` over all rows with the sums of products
+as the diagonal of `X^T Y` (which cost C times the FLOPs of the product; the two stages as separate reduces gave
+7 %, one reduce over [x, x * x] concatenated was slower), and several times faster than XLA's reduction. On GPU and
+TPU reductions are fast: there WideResNet uses `flax.linen.BatchNorm` and autodiff (see `semi_jax.cpu`). The
+backward pass is written out (`jax.custom_vjp`) so that it needs exactly two channel sums, sum(g) and sum(g * x),
+instead of the ones autodiff derives.
 """
 from __future__ import annotations
 
@@ -27,15 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from semi_jax import sharding
-from semi_jax.models import cpu_paths
 
-REDUCTIONS = ("auto", "matmul", "reduce")
-PIXELS_PER_GROUP = 8  # first stage of the matmul channel sums (in the step, 4 and 32 were slower, 16 no faster)
-_HIGHEST = lax.Precision.HIGHEST  # full float32 products on TPU too (its default would round to bfloat16)
-
-
-def _resolve(reduction: str) -> str:
-  return cpu_paths.resolve("BatchNorm reduction", reduction, REDUCTIONS, on_cpu="matmul", elsewhere="reduce")
+PIXELS_PER_GROUP = 8  # first stage of the channel sums (in the step, 4 and 32 were slower, 16 no faster)
+_HIGHEST = lax.Precision.HIGHEST  # the sums as full float32 products, whatever a backend's default precision
 
 
 def _pixel_group_sums(*arrays):
@@ -54,11 +48,9 @@ def _pixel_group_sums(*arrays):
   return tuple(lax.reduce(grouped, zeros, lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)), (len(shape) - 1,)))
 
 
-def _channel_sums(arrays, reduction: str) -> tuple:
+def _channel_sums(*arrays) -> tuple:
   """Sums over every axis but the last of [..., C] arrays of one shape."""
-  if reduction == "matmul":
-    return tuple(_row_sum(rows.reshape(-1, rows.shape[-1])) for rows in _pixel_group_sums(*arrays))
-  return tuple(jnp.sum(a.reshape(-1, a.shape[-1]), axis=0) for a in arrays)
+  return tuple(_row_sum(rows.reshape(-1, rows.shape[-1])) for rows in _pixel_group_sums(*arrays))
 
 
 def _row_sum(rows):
@@ -68,20 +60,19 @@ def _row_sum(rows):
   return lax.dot_general(ones, rows, (((1,), (0,)), ((), ())), precision=_HIGHEST, out_sharding=out_sharding)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x, scale, bias, epsilon: float, reduction: str):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
   """Normalises x [..., C] with the statistics of its own batch.
 
-  Returns `(y, mean, var)`, all float32; mean and var (biased) feed the running averages. `reduction` is
-  'matmul' or 'reduce' (see the module docstring); both give the same values up to float32 rounding.
+  Returns `(y, mean, var)`, all float32; mean and var (biased) feed the running averages.
   """
-  return _forward(x, scale, bias, epsilon, reduction)[0]
+  return _forward(x, scale, bias, epsilon)[0]
 
 
-def _forward(x, scale, bias, epsilon, reduction):
+def _forward(x, scale, bias, epsilon):
   x32 = x.astype(jnp.float32)
   m = x.size // x.shape[-1]
-  sum_x, sum_xx = _channel_sums((x32, x32 * x32), reduction)
+  sum_x, sum_xx = _channel_sums(x32, x32 * x32)
   mean = sum_x / m
   # Rounding can make E[x^2] - E[x]^2 slightly negative (as in flax, clip it).
   var = jnp.maximum(sum_xx / m - mean * mean, 0.0)
@@ -91,14 +82,14 @@ def _forward(x, scale, bias, epsilon, reduction):
   return (y, mean, var), (x, scale, mean, inv)
 
 
-def _backward(epsilon, reduction, residuals, cotangents):
+def _backward(epsilon, residuals, cotangents):
   del epsilon
   x, scale, mean, inv = residuals
   g_y, g_mean, g_var = cotangents
   x32, g32 = x.astype(jnp.float32), g_y.astype(jnp.float32)
   m = x.size // x.shape[-1]
   # sum(g * x_hat) with x_hat = (x - mean) * inv, from sum(g * x) so that x_hat is never materialised.
-  g_bias, sum_gx = _channel_sums((g32, g32 * x32), reduction)
+  g_bias, sum_gx = _channel_sums(g32, g32 * x32)
   g_scale = (sum_gx - mean * g_bias) * inv
   gain = scale * inv
   centred = x32 - mean
@@ -118,7 +109,6 @@ class BatchNorm(nn.Module):
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
-  reduction: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -132,7 +122,7 @@ class BatchNorm(nn.Module):
       gain = scale * inv
       y = (x.astype(jnp.float32) - ra_mean.value) * gain + bias
     else:
-      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, _resolve(self.reduction))
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * lax.stop_gradient(mean)
         ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * lax.stop_gradient(var)

@@ -1,21 +1,21 @@
-"""2-D convolution (NHWC input, HWIO kernel, no bias) whose kernel gradient XLA:CPU can run on its fast path.
+"""CPU fast path: a 2-D convolution (NHWC input, HWIO kernel, no bias) whose gradients XLA:CPU runs fast.
 
 A drop-in for `flax.linen.Conv(features, kernel_size, strides, padding, use_bias=False)` as WideResNet uses it:
 the same `kernel` parameter, the same outputs and gradients (up to float rounding).
 
-Why not flax's: semi_jax turns on XLA:CPU's oneDNN convolutions (`semi_jax/xla_flags.py`), which run the
-forward and the input gradient of this model's 3x3 convolutions 1.5-2.5x faster than XLA's Eigen kernels. XLA
-expresses the kernel gradient as one more forward convolution, whose window is the whole image (e.g. 32x32 over
-a batch of 256); oneDNN runs that shape 2x slower than Eigen. XLA hands a convolution to oneDNN unless its kernel
-operand is a `reverse`, so with `weight_grad='reversed'` the backward pass writes the kernel gradient as a
-correlation with the twice-flipped output gradient: the same numbers, which XLA fuses into the layout copy it
-makes anyway, and which keeps that one convolution on Eigen. It is also split over groups of 16 images (see
+Why not flax's: with the CPU fast paths on, semi_jax compiles with XLA:CPU's oneDNN convolutions
+(`semi_jax/cpu/compiler_options.py`), which run the forward and the input gradient of this model's 3x3 convolutions
+1.5-2.5x faster than XLA's Eigen kernels. XLA expresses the kernel gradient as one more forward convolution, whose
+window is the whole image (e.g. 32x32 over a batch of 256); oneDNN runs that shape 2x slower than Eigen. XLA hands a
+convolution to oneDNN unless its kernel operand is a `reverse`, so the backward pass writes the kernel gradient as a
+correlation with the twice-flipped output gradient: the same numbers, which XLA fuses into the layout copy it makes
+anyway, and which keeps that one convolution on Eigen. It is also split over groups of 16 images (see
 `_kernel_grad`), at the price of more convolutions to compile (the WRN-28-2 train step compiles in about 14 s
-instead of 8 s). The input gradient of a strided convolution is written as one stride-1 convolution per phase
-of the input grid (`_input_grad_by_phase`), which oneDNN runs, instead of XLA's convolution over a zero-dilated
-gradient, which stays on Eigen; when the kernel is no larger than the stride (the strided 1x1 shortcut), the
-kernel gradient is split the same way (`_kernel_grad_by_phase`). `'auto'` does all this on CPU only; GPU and
-TPU use JAX's own transpose rules (`'autodiff'`).
+instead of 8 s). The input gradient of a strided convolution is written as one stride-1 convolution per phase of the
+input grid (`_input_grad_by_phase`), which oneDNN runs, instead of XLA's convolution over a zero-dilated gradient,
+which stays on Eigen; when the kernel is no larger than the stride (the strided 1x1 shortcut), the kernel gradient
+is split the same way (`_kernel_grad_by_phase`). GPU and TPU use `flax.linen.Conv` and JAX's own transpose rules
+(see `semi_jax.cpu`).
 """
 from __future__ import annotations
 
@@ -28,15 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from semi_jax import sharding
-from semi_jax.models import cpu_paths
 
-WEIGHT_GRADS = ("auto", "reversed", "autodiff")
 IMAGES_PER_CHUNK = 16  # images per kernel-gradient convolution (see `_kernel_grad`)
 _DIMS = ("NHWC", "HWIO", "NHWC")
-
-
-def _resolve(weight_grad: str) -> str:
-  return cpu_paths.resolve("Conv weight_grad", weight_grad, WEIGHT_GRADS, on_cpu="reversed", elsewhere="autodiff")
 
 
 def _conv(x, kernel, strides, padding):
@@ -188,7 +182,6 @@ class Conv(nn.Module):
   padding: int = 0
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
-  weight_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -199,6 +192,4 @@ class Conv(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(int(s) for s in self.strides)
     padding = ((self.padding, self.padding),) * 2
-    if _resolve(self.weight_grad) == "reversed":
-      return conv_reversed_weight_grad(x, kernel, strides, padding)
-    return _conv(x, kernel, strides, padding)
+    return conv_reversed_weight_grad(x, kernel, strides, padding)

@@ -1,4 +1,5 @@
-"""glibc malloc settings that let XLA:CPU reuse its large scratch buffers instead of page-faulting them in anew.
+"""CPU fast path: glibc malloc settings that let XLA:CPU reuse its large scratch buffers instead of page-faulting
+them in anew.
 
 XLA:CPU's Eigen convolutions allocate packing buffers of up to ~300 MB (WRN-28-2, batch 256) with malloc on
 their worker threads, on every call. glibc serves requests that large from fresh `mmap`s, and from a worker
@@ -10,12 +11,13 @@ no trimming keep freed memory in the heap for the next step: no page faults, abo
 The costs: the process keeps its peak heap (which a training run reaches every step anyway), and all threads
 share one arena. Sharing made compilation-heavy test runs about 30 % slower here (a train step repays the extra
 compile time after some 20 steps), and the tf.data input pipeline about half as fast (still over 10x what the CPU
-train step consumes). So the entry points that train or time steps (`semi_jax.main`,
-`semi_jax.bench`) call `apply()` before JAX and TensorFlow start their threads, and importing semi_jax does not.
-Sharing could also slow an input pipeline with many threads on a big accelerator host, where the CPU does no
-model work, so the settings apply only when JAX will compute on the CPU (JAX_PLATFORMS unset or `cpu`, and no
-GPU/TPU plugin installed). They are left alone outside Linux/glibc, when the user already configures malloc
-through MALLOC_* or GLIBC_TUNABLES, and when SEMI_JAX_HOST_MALLOC=default.
+train step consumes). So the entry points that train or time steps (`semi_jax.main`, `semi_jax.sweep`,
+`semi_jax.tools.bench`) call `apply(config.cpu_fast_paths)` before JAX and TensorFlow start their threads, and
+importing semi_jax does not. Sharing could also slow an input pipeline with many threads on a big accelerator
+host, where the CPU does no model work. With the setting 'auto' the settings therefore apply only when JAX will
+compute on the CPU, as far as can be told before JAX starts: JAX_PLATFORMS unset or `cpu`, and no GPU/TPU plugin
+installed. 'on' applies them, 'off' does not. They are left alone outside Linux/glibc and when the user already
+configures malloc through MALLOC_* or GLIBC_TUNABLES.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ import ctypes.util
 import importlib.util
 import os
 
-ENV_SWITCH = "SEMI_JAX_HOST_MALLOC"
+from semi_jax import cpu
+
 # mallopt parameters (malloc.h). A value of -1 for M_TRIM_THRESHOLD becomes SIZE_MAX: never trim.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+MALLOPT = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
 _USER_MALLOC_VARS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
                      "MALLOC_TOP_PAD_")
 _ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
@@ -36,18 +39,18 @@ _ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax
 status = "not applied"  # what `apply()` did, for benchmarks and logs
 
 
-def reason_to_skip(environ=os.environ, plugin_installed=None) -> str | None:
-  """Why the settings should not be applied in this process, or None to apply them."""
-  switch = environ.get(ENV_SWITCH, "auto")
-  if switch not in ("auto", "default"):
-    raise ValueError(f"{ENV_SWITCH} must be 'auto' or 'default', got {switch!r}.")
-  if switch == "default":
-    return f"{ENV_SWITCH}=default"
+def reason_to_skip(setting: str = "auto", environ=os.environ, plugin_installed=None) -> str | None:
+  """Why the settings should not be applied in this process, or None to apply them. `setting` is the run's
+  `cpu_fast_paths` ('auto', 'on' or 'off')."""
+  if cpu.check_setting(setting) == "off":
+    return "cpu_fast_paths=off"
   user_vars = [v for v in _USER_MALLOC_VARS if v in environ]
   if "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):
     user_vars.append("GLIBC_TUNABLES")
   if user_vars:
     return f"malloc configured by the user ({', '.join(user_vars)})"
+  if setting == "on":
+    return None
   platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
   if platforms and platforms != ["cpu"]:
     return f"JAX_PLATFORMS={environ['JAX_PLATFORMS']}"
@@ -72,23 +75,16 @@ def _glibc():
   return libc
 
 
-def apply() -> str:
-  """Applies the settings unless `reason_to_skip` says otherwise; returns and records what happened."""
+def apply(setting: str = "auto") -> str:
+  """Applies the settings unless `reason_to_skip(setting)` says otherwise; returns and records what happened."""
   global status
-  reason = reason_to_skip()
+  reason = reason_to_skip(setting)
   libc = None if reason else _glibc()
   if reason is None and libc is None:
     reason = "not glibc"
   if reason is None:
-    failed = [param for param, value in SETTINGS if libc.mallopt(param, value) != 1]
+    failed = [param for param, value in MALLOPT if libc.mallopt(param, value) != 1]
     reason = f"mallopt refused parameters {failed}" if failed else None
   status = "one arena, no mmap, no trim" if reason is None else f"glibc defaults: {reason}"
   return status
 
-
-def apply_or_exit(program: str) -> str:
-  """`apply()` for a command-line entry point: a bad switch ends `program` with one line naming it."""
-  try:
-    return apply()
-  except ValueError as e:
-    raise SystemExit(f"{program}: bad environment: {e}") from None

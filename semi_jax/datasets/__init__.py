@@ -2,7 +2,7 @@
 
 Every source returns an `ArrayDataset`; `semi_jax.input_pipeline` turns it into the long-tailed labeled stream,
 the unlabeled stream (one weak + two strong views) and the test stream. A new source registers a loader
-`fn(data_config) -> ArrayDataset` under its name with `register`.
+`fn(data_config) -> ArrayDataset` under its name and class count with `register`.
 """
 from __future__ import annotations
 
@@ -45,11 +45,13 @@ class ArrayDataset:
 
 
 _LOADERS: dict[str, Callable[..., ArrayDataset]] = {}
+_NUM_CLASSES: dict[str, int] = {}
 
 
-def register(name: str):
+def register(name: str, num_classes: int):
   def wrap(fn):
     _LOADERS[name] = fn
+    _NUM_CLASSES[name] = num_classes
     return fn
   return wrap
 
@@ -57,6 +59,14 @@ def register(name: str):
 def names() -> list[str]:
   _import_sources()
   return sorted(_LOADERS)
+
+
+def num_classes(name: str) -> int:
+  """The class count of the registered data set `name`, without loading it."""
+  _import_sources()
+  if name not in _NUM_CLASSES:
+    raise ValueError(f"unknown data set {name!r} (config field data.name); available: {', '.join(sorted(_LOADERS))}.")
+  return _NUM_CLASSES[name]
 
 
 def load(data_config) -> ArrayDataset:

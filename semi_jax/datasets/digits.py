@@ -29,7 +29,7 @@ def _to_rgb_uint8(images: np.ndarray, size: int) -> np.ndarray:
   return np.repeat(x, 3, axis=-1)
 
 
-@register("digits")
+@register("digits", num_classes=NUM_CLASSES)
 def load_digits_dataset(data_config) -> ArrayDataset:
   images, labels = _load_raw()
   per_class = int(data_config.test_per_class)

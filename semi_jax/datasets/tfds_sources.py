@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from semi_jax.datasets import ArrayDataset, register
+from semi_jax.datasets import ArrayDataset, num_classes, register
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -124,38 +124,38 @@ def read_split(tfds_name: str, split: str, data_config) -> tuple[np.ndarray, np.
   return images, labels
 
 
-def _labeled_source(name: str, tfds_name: str, num_classes: int, mean, std, data_config, *,
+def _labeled_source(name: str, tfds_name: str, mean, std, data_config, *,
                     unlabeled_split: str | None = None) -> ArrayDataset:
   train_images, train_labels = read_split(tfds_name, "train", data_config)
   test_images, test_labels = read_split(tfds_name, "test", data_config)
   extra = read_split(tfds_name, unlabeled_split, data_config)[0] if unlabeled_split else None
-  return ArrayDataset(name=name, num_classes=num_classes, train_images=train_images, train_labels=train_labels,
+  return ArrayDataset(name=name, num_classes=num_classes(name), train_images=train_images, train_labels=train_labels,
                       test_images=test_images, test_labels=test_labels, mean=mean, std=std,
                       extra_unlabeled_images=extra)
 
 
-@register("cifar10")
+@register("cifar10", num_classes=10)
 def load_cifar10(data_config) -> ArrayDataset:
-  return _labeled_source("cifar10", "cifar10", 10, CIFAR10_MEAN, CIFAR10_STD, data_config)
+  return _labeled_source("cifar10", "cifar10", CIFAR10_MEAN, CIFAR10_STD, data_config)
 
 
-@register("cifar100")
+@register("cifar100", num_classes=100)
 def load_cifar100(data_config) -> ArrayDataset:
-  return _labeled_source("cifar100", "cifar100", 100, CIFAR100_MEAN, CIFAR100_STD, data_config)
+  return _labeled_source("cifar100", "cifar100", CIFAR100_MEAN, CIFAR100_STD, data_config)
 
 
-@register("svhn")
+@register("svhn", num_classes=10)
 def load_svhn(data_config) -> ArrayDataset:
   # The core `train` split only (73,257 digits); the `extra` split is not part of the SVHN-LT benchmark.
-  return _labeled_source("svhn", "svhn_cropped", 10, SVHN_MEAN, SVHN_STD, data_config)
+  return _labeled_source("svhn", "svhn_cropped", SVHN_MEAN, SVHN_STD, data_config)
 
 
-@register("stl10")
+@register("stl10", num_classes=10)
 def load_stl10(data_config) -> ArrayDataset:
   # The 5,000 labeled `train` images are the pool of the long-tailed labeled set; the 100,000 `unlabelled`
   # images (unknown class distribution) are the unlabeled set. Normalised with CIFAR-10's statistics, as in the
   # reference.
-  return _labeled_source("stl10", "stl10", 10, CIFAR10_MEAN, CIFAR10_STD, data_config,
+  return _labeled_source("stl10", "stl10", CIFAR10_MEAN, CIFAR10_STD, data_config,
                          unlabeled_split="unlabelled")
 
 
@@ -213,11 +213,11 @@ def _imagenet127(size: int, data_config) -> ArrayDataset:
                       mean=IMAGENET127_MEAN, std=IMAGENET127_STD)
 
 
-@register("imagenet127_32")
+@register("imagenet127_32", num_classes=IMAGENET127_NUM_CLASSES)
 def load_imagenet127_32(data_config) -> ArrayDataset:
   return _imagenet127(32, data_config)
 
 
-@register("imagenet127_64")
+@register("imagenet127_64", num_classes=IMAGENET127_NUM_CLASSES)
 def load_imagenet127_64(data_config) -> ArrayDataset:
   return _imagenet127(64, data_config)

@@ -4,6 +4,10 @@ Matches the reference architecture (FixMatch's WRN): pre-activation basic blocks
 with running-average decay 0.999 (PyTorch momentum 0.001), convolutions kaiming-normal (fan_out, gain sqrt 2),
 linear layers xavier-normal with zero bias. NHWC layout, the native one for XLA.
 
+Layers: `flax.linen.Conv` and `flax.linen.BatchNorm` with autodiff, as GPUs and TPUs run them; with
+`cpu_fast_paths` the drop-in replacements of `semi_jax.cpu` (same variables, same numbers up to float rounding,
+hand-written backward passes that XLA:CPU runs fast).
+
 The reference computes `relu(bn1(x))` and discards it in the first block of a stage that changes width
 without `activate_before_residual`; it changes no output, so that BatchNorm is not built here (a weight
 importer skips it).
@@ -15,11 +19,26 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from semi_jax.models.batch_norm import BatchNorm
-from semi_jax.models.conv import Conv
+from semi_jax.cpu import batch_norm as cpu_batch_norm
+from semi_jax.cpu import conv as cpu_conv
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+
+def _layers(cpu_fast_paths: bool, dtype, bn_momentum: float):
+  """(conv, batch_norm) constructors: conv(features, kernel, stride, name), batch_norm(train, name)."""
+  if cpu_fast_paths:
+    conv = lambda ch, k, s, name: cpu_conv.Conv(ch, (k, k), (s, s), padding=k // 2, kernel_init=conv_init,
+                                                dtype=dtype, name=name)
+    norm = lambda train, name: cpu_batch_norm.BatchNorm(use_running_average=not train, momentum=bn_momentum,
+                                                        epsilon=1e-5, dtype=dtype, name=name)
+  else:
+    conv = lambda ch, k, s, name: nn.Conv(ch, (k, k), (s, s), padding=k // 2, use_bias=False,
+                                          kernel_init=conv_init, dtype=dtype, name=name)
+    norm = lambda train, name: nn.BatchNorm(use_running_average=not train, momentum=bn_momentum, epsilon=1e-5,
+                                            dtype=dtype, name=name)
+  return conv, norm
 
 
 class BasicBlock(nn.Module):
@@ -30,13 +49,12 @@ class BasicBlock(nn.Module):
   bn_momentum: float
   leaky_slope: float
   dtype: Any
+  cpu_fast_paths: bool
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-                                dtype=self.dtype, name=name)
-    conv = lambda ch, k, s, name: Conv(ch, (k, k), (s, s), padding=k // 2, kernel_init=conv_init, dtype=self.dtype,
-                                       name=name)
+    conv, norm = _layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
+    bn = lambda name: norm(train, name)
     act = lambda y: nn.leaky_relu(y, self.leaky_slope)
     equal_in_out = x.shape[-1] == self.out_channels
     if equal_in_out:
@@ -63,6 +81,7 @@ class WideResNet(nn.Module):
   bn_momentum: float = 0.999
   leaky_slope: float = 0.1
   dtype: Any = jnp.float32
+  cpu_fast_paths: bool = False  # semi_jax.cpu's layers instead of flax's (for runs on CPUs)
 
   @property
   def feature_dim(self) -> int:
@@ -74,15 +93,15 @@ class WideResNet(nn.Module):
       raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}.")
     n = (self.depth - 4) // 6
     channels = (16, 16 * self.width, 32 * self.width, 64 * self.width)
+    conv, norm = _layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
     x = x.astype(self.dtype)
-    x = Conv(channels[0], (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype, name="conv1")(x)
+    x = conv(channels[0], 3, 1, "conv1")(x)
     for stage, (out_ch, stride) in enumerate(zip(channels[1:], (1, 2, 2))):
       for i in range(n):
         x = BasicBlock(out_ch, stride if i == 0 else 1, activate_before_residual=stage == 0,
                        dropout=self.dropout, bn_momentum=self.bn_momentum, leaky_slope=self.leaky_slope,
-                       dtype=self.dtype, name=f"block{stage + 1}_{i}")(x, train)
-    x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
-                  name="bn1")(x)
+                       dtype=self.dtype, cpu_fast_paths=self.cpu_fast_paths, name=f"block{stage + 1}_{i}")(x, train)
+    x = norm(train, "bn1")(x)
     x = nn.leaky_relu(x, self.leaky_slope)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     dense = lambda name: nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=nn.initializers.zeros,

@@ -1,38 +1,40 @@
-"""Speed of the pieces of a training run: train step, memory-bank update, eval step, input pipeline.
+"""Speed of the pieces of a training run: train step, memory-bank update, eval step, the training loop's host
+time, input pipeline.
 
-  python -m semi_jax.bench [--out=bench.json] [--steps=20] [--quick] [--algos=semi,acr,fixmatch]
-                           [--dtype=float32] [--bank_calls=200] [--input_seconds=5] [--profile=DIR]
-                           [--peak_tflops=T]
+  python -m semi_jax.tools.bench [--out=bench.json] [--steps=20] [--quick] [--algos=semi,acr,fixmatch]
+                                 [--dtype=float32] [--cpu_fast_paths=auto] [--config=PATH] [--bank_calls=200]
+                                 [--loop_steps=2000] [--input_seconds=5] [--profile=DIR] [--peak_tflops=T]
 
-The default setting is the paper's CIFAR-10-LT step: WRN-28-2, labeled batch 64, mu=1 (64 labeled + 3 x 64
-unlabeled views = 256 images per forward pass), 10 classes, 32x32. `--quick` shrinks everything (WRN-10-1, 8x8,
-batch 8) to check that the script runs. The state and batches are synthetic (random uint8 images, a long-tailed
-class prior), so no data set is needed. Everything runs on a 1-device mesh laid out as a real run is (state
-replicated, batch sharded over `data`). XLA flags must be set in XLA_FLAGS before the run; they are recorded in
-the output together with the device and the versions.
+The default setting is the paper's CIFAR-10-LT step (`configs/cifar10_lt.py`, or `--config`): WRN-28-2, labeled
+batch 64, mu=1 (64 labeled + 3 x 64 unlabeled views = 256 images per forward pass), 10 classes, 32x32. `--quick`
+shrinks everything (WRN-10-1, 8x8, batch 8) to check that the script runs. The state and batches are synthetic
+(random uint8 images, a long-tailed class prior), so no data set is needed. Steps run on a 1-device mesh laid
+out as a real run is (state replicated, batch sharded over `data`), compiled as `semi_jax.train` compiles them
+(with the CPU fast paths where `--cpu_fast_paths` and the device say so). The loop measurement runs
+`semi_jax.train`'s own training loop with a trivial model on every device, to show its host time per step.
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import glob
 import json
 import os
 import platform
 import re
 import statistics
+import tempfile
 import time
 from collections import Counter
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import cifar10_lt
-from semi_jax import host_malloc, memory_bank, sharding
-from semi_jax.models import create_model
-from semi_jax.state import create_train_state, make_optimizer
-from semi_jax.train_step import StepContext, eval_step, train_step
+from semi_jax import config_files, cpu, memory_bank, sharding, startup, train
+from semi_jax.cpu import compiler_options, malloc
 
 # (num_classes, bank size K, candidates N) of CIFAR-10, CIFAR-100 and ImageNet-127 (N = 2 strong views x U).
 BANK_SIZES = ((10, 128, 128), (100, 128, 512), (127, 128, 1024))
@@ -42,10 +44,12 @@ WARMUP_STEPS = 2
 STEP_SEED = 1  # the train step's rng key
 
 
-def bench_config(algo: str, quick: bool, dtype: str = "float32"):
-  """The CIFAR-10-LT config of `algo`, or its tiny version with `quick`."""
-  config = cifar10_lt.get_config(f"algo={algo}")
+def bench_config(algo: str, quick: bool, dtype: str = "float32", cpu_fast_paths: str = "auto",
+                 config_path: str | None = None):
+  """The config of `config_path` (default: the CIFAR-10-LT config) for `algo`, or its tiny version with `quick`."""
+  config = config_files.load(f"{config_path or config_files.repo_config('cifar10_lt')}:algo={algo}")
   config.model.dtype = dtype
+  config.cpu_fast_paths = cpu_fast_paths
   if quick:
     config.data.image_size = 8
     config.model.depth, config.model.width = 10, 1
@@ -77,19 +81,20 @@ def _class_prior(num_classes: int, imbalance: float = 100.0) -> np.ndarray:
   return (counts / counts.sum()).astype(np.float32)
 
 
-def _context(config, num_classes: int) -> StepContext:
-  return StepContext(model=create_model(config.model, num_classes), tx=make_optimizer(config), config=config,
-                     class_prior=_class_prior(num_classes), mean=np.full(3, 0.5, np.float32),
-                     std=np.full(3, 0.25, np.float32))
+def build_program(config, mesh, num_classes: int = 10, model=None) -> train.Program:
+  """`train.build_program` with a synthetic long-tailed class prior and normalisation."""
+  return train.build_program(config, mesh, num_classes=num_classes, class_prior=_class_prior(num_classes),
+                             mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), model=model)
 
 
-def _train_batch(rng: np.random.Generator, config, num_classes: int) -> dict:
+def synthetic_batch(rng: np.random.Generator, config, num_classes: int, process_count: int = 1) -> dict:
+  """One process's train batch of random images and labels, as `Trainer.train_batches` yields it (the layout of
+  random images needs no packing)."""
   t, s = config.train, config.data.image_size
-  b, u = t.batch_size, t.batch_size * t.mu
-  image = lambda n: rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+  b, u = t.batch_size // process_count, t.batch_size * t.mu // process_count
   label = lambda n: rng.integers(0, num_classes, (n,), dtype=np.int32)
-  return {"x": image(b), "y": label(b), "u_weak": image(u), "u_strong1": image(u), "u_strong2": image(u),
-          "u_label": label(u), "u_index": np.arange(u, dtype=np.int32)}
+  return {"images": rng.integers(0, 256, (b + 3 * u, s, s, 3), dtype=np.uint8), "y": label(b), "u_label": label(u),
+          "u_index": np.arange(u, dtype=np.int32)}
 
 
 def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
@@ -119,57 +124,67 @@ def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
           "top_op_kinds_ms": dict(by_kind.most_common(top))}
 
 
-def compiled_train_step(config, num_classes: int = 10, mesh=None):
-  """The jitted, state-donating train step of `config`, compiled, with its initial state and two batches.
+@dataclasses.dataclass
+class CompiledStep:
+  """A compiled train step as the training loop runs it (`train.Program.train_step`), with its inputs."""
+  compiled: Any
+  lowered: Any
+  compile_s: float
+  state: Any
+  carry: Any
+  batches: list
+  rng: Any
 
-  Returns (compiled, state, batches, lowered, compile_s). The state's step counter is past the warm-up epochs, so
-  that every SeMi term is live (their cost is paid either way: the warm-up switches are selects, not branches).
-  """
+  def run(self, batch_index: int = 0):
+    """One step on batch `batch_index` (state and carry are donated and replaced); returns when it is done."""
+    self.state, self.carry = self.compiled(self.state, self.carry, self.batches[batch_index % len(self.batches)],
+                                           self.rng)
+    jax.block_until_ready((self.state, self.carry))
+
+  def loss(self) -> float:
+    """The mean loss of the steps run so far."""
+    return float(jax.device_get(self.carry["metrics"]).compute()["loss"])
+
+
+def compiled_train_step(config, num_classes: int = 10, mesh=None) -> CompiledStep:
+  """The train step of `config` as `semi_jax.train` compiles it (state and carry donated), with its initial state
+  and two batches. The state's step counter is past the warm-up epochs, so that every SeMi term is live (their
+  cost is paid either way: the warm-up switches are selects, not branches)."""
   mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-  repl = sharding.replicated(mesh)
-  ctx = _context(config, num_classes)
-  init = functools.partial(create_train_state, ctx.model, ctx.tx, image_size=config.data.image_size,
-                           num_classes=num_classes, bank_size=config.bank.size)
-  state = jax.jit(init, out_shardings=repl)(jax.random.key(0))
+  program = build_program(config, mesh, num_classes)
+  state = program.init_state(jax.random.key(0))
   past_warmup = config.train.steps_per_epoch * (config.ssl.est_epoch + 1)
-  state = state.replace(step=jax.device_put(jnp.asarray(past_warmup, jnp.int32), repl))
+  state = state.replace(step=jax.device_put(jnp.asarray(past_warmup, jnp.int32), sharding.replicated(mesh)))
   rng = np.random.default_rng(0)
-  batches = [sharding.to_global(_train_batch(rng, config, num_classes), mesh) for _ in range(2)]
-  step = jax.jit(functools.partial(train_step, ctx=ctx), donate_argnums=0, out_shardings=(repl, repl))
+  batches = [sharding.to_global(synthetic_batch(rng, config, num_classes), mesh) for _ in range(2)]
+  carry = program.init_carry()
+  step_rng = jax.random.key(STEP_SEED)
   start = time.perf_counter()
-  lowered = step.lower(state, batches[0], jax.random.key(STEP_SEED))
+  lowered = program.train_step.lower(state, carry, batches[0], step_rng)
   compiled = lowered.compile()
-  return compiled, state, batches, lowered, time.perf_counter() - start
+  return CompiledStep(compiled, lowered, time.perf_counter() - start, state, carry, batches, step_rng)
 
 
 def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profile_dir: str | None = None) -> dict:
   """Compile time and per-step times of the jitted, state-donating train step (after the warm-up); with
   `profile_dir`, one more step is traced there and summarised (see `profile_step`)."""
-  compiled, state, batches, lowered, compile_s = compiled_train_step(config, num_classes, mesh)
-  step_rng = jax.random.key(STEP_SEED)
+  step = compiled_train_step(config, num_classes, mesh)
   times, cpu_times = [], []
   for i in range(WARMUP_STEPS + steps):
     start, cpu_start = time.perf_counter(), time.process_time()
-    state, out = compiled(state, batches[i % len(batches)], step_rng)
-    jax.block_until_ready((state, out))
+    step.run(i)
     if i >= WARMUP_STEPS:
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
-  profile = None
-  if profile_dir:
-    def run_step():
-      nonlocal state, out
-      state, out = compiled(state, batches[0], step_rng)
-      jax.block_until_ready((state, out))
-    profile = profile_step(run_step, profile_dir)
-  loss = float(out["loss"])
+  profile = profile_step(step.run, profile_dir) if profile_dir else None
+  loss = step.loss()
   if not np.isfinite(loss):
     raise FloatingPointError(f"train step of algo={config.ssl.algo} gave a non-finite loss {loss}.")
   t = config.train
   images = t.batch_size * (1 + 3 * t.mu)
   ms = _median_ms(times)
-  flops = _flops(lowered)
-  return {"algo": config.ssl.algo, "compile_s": compile_s, "median_ms": ms, "min_ms": 1000.0 * min(times),
+  flops = _flops(step.lowered)
+  return {"algo": config.ssl.algo, "compile_s": step.compile_s, "median_ms": ms, "min_ms": 1000.0 * min(times),
           "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
           "steps": len(times),
           "gflop_per_step": None if flops is None else flops / 1e9,
@@ -213,25 +228,21 @@ def time_bank_update(num_classes: int, size: int, candidates: int, calls: int) -
 def time_eval_step(config, calls: int, num_classes: int = 10) -> dict:
   """Median time of the jitted eval step on one batch of train.eval_batch_size images."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  repl = sharding.replicated(mesh)
-  ctx = _context(config, num_classes)
-  variables = jax.jit(lambda r: ctx.model.init(
-      r, jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32), train=False),
-                      out_shardings=repl)(jax.random.key(0))
+  program = build_program(config, mesh, num_classes)
+  state = program.init_state(jax.random.key(0))
   n, s = config.train.eval_batch_size, config.data.image_size
   rng = np.random.default_rng(0)
   batch = sharding.to_global({"image": rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
                               "label": rng.integers(0, num_classes, n, dtype=np.int32),
                               "mask": np.ones(n, bool)}, mesh)
-  step = jax.jit(functools.partial(eval_step, ctx=ctx), out_shardings=repl)
   start = time.perf_counter()
-  compiled = step.lower(variables["params"], variables["batch_stats"], batch).compile()
+  compiled = program.eval_step.lower(state.ema_params, state.batch_stats, batch).compile()
   compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(variables["params"], variables["batch_stats"], batch))
+  jax.block_until_ready(compiled(state.ema_params, state.batch_stats, batch))
   times, cpu_times = [], []
   for _ in range(calls):
     start, cpu_start = time.perf_counter(), time.process_time()
-    jax.block_until_ready(compiled(variables["params"], variables["batch_stats"], batch))
+    jax.block_until_ready(compiled(state.ema_params, state.batch_stats, batch))
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
   ms = _median_ms(times)
@@ -239,9 +250,64 @@ def time_eval_step(config, calls: int, num_classes: int = 10) -> dict:
           "cpu_ms": _median_ms(cpu_times), "images_per_s": n / (ms / 1000.0)}
 
 
+class TrivialModel(nn.Module):
+  """A model with the interface of WideResNet and almost no compute: pooled pixels, one BatchNorm, two heads."""
+  num_classes: int
+  feature_dim: int = 8
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    features = nn.Dense(self.feature_dim)(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+    features = nn.BatchNorm(use_running_average=not train)(features)
+    return nn.Dense(self.num_classes, name="fc")(features), nn.Dense(self.num_classes, name="fc1")(features), features
+
+
+def time_training_loop(steps: int, warmup: int = 200, config_path: str | None = None) -> dict:
+  """Host cost of `semi_jax.train`'s training loop: `Trainer.run` with a trivial model, on every device.
+
+  The model and the test config's tiny SeMi objective leave almost nothing to compute, so the loop's own work
+  (the step dispatch, the batch transfer, hooks, metric logging every 100 steps) sets the pace. Batches are
+  synthetic and prepared beforehand (the tf.data pipeline is measured separately). Timed from step `warmup` to
+  the end; also the CPU time of the loop's thread per step, and the compiled step alone, called synchronously.
+  """
+  config = config_files.load(config_path or config_files.repo_config("test"))
+  total = warmup + steps
+  config.train.total_steps = total
+  config.train.steps_per_epoch = 100
+  config.train.log_every_steps = 100
+  config.train.eval_every_steps = config.train.checkpoint_every_steps = total
+  config.ssl.est_epoch = 0
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = train.Trainer(config, workdir, model=TrivialModel(num_classes=10))
+    rng = np.random.default_rng(0)
+    pool = [synthetic_batch(rng, config, trainer.num_classes, jax.process_count()) for _ in range(4)]
+    marks = {}
+
+    def batches():
+      # Pulled by the loop `data.prefetch` steps ahead of the step it feeds: a constant offset.
+      for i in range(total + config.data.prefetch):
+        if i in (warmup, total):
+          marks[i] = (time.perf_counter(), time.thread_time())
+        yield pool[i % len(pool)]
+
+    trainer.run(batches=batches())
+    wall, thread = (b - a for a, b in zip(marks[warmup], marks[total]))
+    step_alone = []
+    state, carry = trainer.state, trainer.program.init_carry()
+    batch = sharding.to_global(pool[0], trainer.mesh)
+    for i in range(warmup):
+      start = time.perf_counter()
+      state, carry = trainer.program.train_step(state, carry, batch, trainer.step_rng)
+      jax.block_until_ready((state, carry))
+      step_alone.append(time.perf_counter() - start)
+  return {"steps": steps, "devices": trainer.mesh.devices.size, "ms_per_step": 1000.0 * wall / steps,
+          "steps_per_s": steps / wall, "loop_thread_cpu_ms_per_step": 1000.0 * thread / steps,
+          "synchronous_step_ms": _median_ms(step_alone)}
+
+
 def time_input_pipeline(size: int, batch: int, seconds: float) -> dict:
   """Source images/s of the unlabeled stream (weak + 2 strong views) and the labeled stream (weak view)."""
-  from semi_jax import bench_augment  # imports TensorFlow: only when measured
+  from semi_jax.tools import bench_augment  # imports TensorFlow: only when measured
   threads = os.cpu_count() or 1
   result = {"threads": threads, "size": size, "batch": batch}
   for views, key in (("weak", "weak"), ("weak+2strong", "weak_2strong")):
@@ -253,12 +319,18 @@ def time_input_pipeline(size: int, batch: int, seconds: float) -> dict:
   return result
 
 
-def environment() -> dict:
+def environment(config=None) -> dict:
+  """Versions, devices and settings of this process; with `config`, the CPU fast paths and compiler options
+  its programs get on one device."""
   devices = jax.devices()
-  return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-          "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
-          "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": host_malloc.status}
+  env = {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+         "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
+         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": malloc.status}
+  if config is not None:
+    fast = cpu.enabled(config.cpu_fast_paths, {devices[0].platform})
+    env.update(cpu_fast_paths=fast, compiler_options=compiler_options.for_run(fast and devices[0].platform == "cpu"))
+  return env
 
 
 def _jaxlib_version() -> str:
@@ -268,7 +340,8 @@ def _jaxlib_version() -> str:
 
 def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"), dtype: str = "float32",
         bank_calls: int = 200, input_seconds: float = 5.0, profile_dir: str | None = None,
-        peak_tflops: float | None = None) -> dict:
+        peak_tflops: float | None = None, cpu_fast_paths: str = "auto", config_path: str | None = None,
+        loop_steps: int = 2000) -> dict:
   """Runs every measurement and returns them as one JSON-serialisable dict.
 
   With `peak_tflops` (the device's peak for the dtype in use, e.g. the tensor-core peak for bfloat16), every
@@ -282,10 +355,13 @@ def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"),
     raise ValueError(f"bank_calls must be >= 1, got {bank_calls}.")
   if not algos:
     raise ValueError("algos is empty; name at least one of semi, acr, fixmatch, fixmatch_la.")
-  result = {"environment": environment(), "quick": quick, "dtype": dtype, "peak_tflops": peak_tflops,
-            "train_step": {}}
+  if loop_steps < 0:
+    raise ValueError(f"loop_steps must be >= 0 (0 skips the loop measurement), got {loop_steps}.")
+  config_of = lambda algo: bench_config(algo, quick, dtype, cpu_fast_paths, config_path)
+  result = {"environment": environment(config_of(algos[0])), "quick": quick, "dtype": dtype,
+            "peak_tflops": peak_tflops, "train_step": {}}
   for i, algo in enumerate(algos):  # only the first algorithm's step is profiled
-    r = time_train_step(bench_config(algo, quick, dtype), steps, profile_dir=profile_dir if i == 0 else None)
+    r = time_train_step(config_of(algo), steps, profile_dir=profile_dir if i == 0 else None)
     if peak_tflops is not None and r["gflop_per_s"] is not None:
       r["fraction_of_peak"] = r["gflop_per_s"] / (1000.0 * peak_tflops)
     result["train_step"][algo] = r
@@ -296,8 +372,10 @@ def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"),
         for base in ts if base != "semi"}
   result["bank_update"] = [time_bank_update(c, k, n, bank_calls)
                            for c, k, n in (QUICK_BANK_SIZES if quick else BANK_SIZES)]
-  config = bench_config(algos[0], quick, dtype)
+  config = config_of(algos[0])
   result["eval_step"] = time_eval_step(config, calls=max(3, steps // 2))
+  if loop_steps:
+    result["training_loop"] = time_training_loop(loop_steps, warmup=min(200, loop_steps))
   if input_seconds > 0:
     result["input_pipeline"] = time_input_pipeline(config.data.image_size, config.train.batch_size,
                                                    input_seconds)
@@ -308,7 +386,8 @@ def format_report(result: dict) -> str:
   env = result["environment"]
   lines = [f"jax {env['jax']} (jaxlib {env['jaxlib']}), {env['device_count']} x {env['device_kind']} "
            f"({env['backend']}), {env['cpu_count']} CPUs, dtype {result['dtype']}, "
-           f"XLA_FLAGS={env['xla_flags'] or '(none)'}, malloc: {env['host_malloc']}", "",
+           f"XLA_FLAGS={env['xla_flags'] or '(none)'}, CPU fast paths: {env['cpu_fast_paths']} (compiler "
+           f"options {env['compiler_options'] or 'none'}), malloc: {env['host_malloc']}", "",
            "Wall-clock times; 'CPU ms' is the process's CPU time per call (all threads), which other load on the "
            "machine inflates much less.", "",
            f"{'train step':<12}{'compile s':>10}{'median ms':>11}{'min ms':>9}{'CPU ms':>9}{'images/s':>10}"
@@ -339,6 +418,11 @@ def format_report(result: dict) -> str:
   e = result["eval_step"]
   lines += ["", f"eval step, batch {e['batch']}: compile {e['compile_s']:.1f} s, median {e['median_ms']:.1f} ms "
             f"(min {e['min_ms']:.1f}, CPU {e['cpu_ms']:.1f}), {e['images_per_s']:.0f} images/s"]
+  if "training_loop" in result:
+    r = result["training_loop"]
+    lines.append(f"training loop (semi_jax.train, trivial model, {r['devices']} device(s)): {r['steps_per_s']:.0f} "
+                 f"steps/s, {r['ms_per_step']:.3f} ms per step ({r['loop_thread_cpu_ms_per_step']:.3f} ms CPU time "
+                 f"of the loop's thread); the step alone, called synchronously: {r['synchronous_step_ms']:.3f} ms")
   if "input_pipeline" in result:
     p = result["input_pipeline"]
     per_cpu = lambda key: ("" if p[f"{key}_images_per_cpu_s"] is None
@@ -350,13 +434,18 @@ def format_report(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-  host_malloc.apply_or_exit("semi_jax.bench")  # as `semi_jax.main` does, before JAX starts its threads
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="bench.json", help="JSON output file")
   parser.add_argument("--steps", type=int, default=20, help="timed train steps per algorithm, after warm-up")
   parser.add_argument("--quick", action="store_true", help="tiny model and images: checks that it runs")
   parser.add_argument("--algos", default="semi,acr,fixmatch", help="comma-separated algorithm presets")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model compute dtype")
+  parser.add_argument("--cpu_fast_paths", default="auto", choices=cpu.SETTINGS,
+                      help="semi_jax.cpu's speed-ups: auto = on exactly when the devices are CPUs")
+  parser.add_argument("--config", default=None, metavar="PATH",
+                      help="config file of the timed steps (default: configs/cifar10_lt.py of this checkout)")
+  parser.add_argument("--loop_steps", type=int, default=2000,
+                      help="steps of the training-loop measurement with a trivial model (0 skips it)")
   parser.add_argument("--bank_calls", type=int, default=200, help="timed calls per memory-bank size")
   parser.add_argument("--input_seconds", type=float, default=5.0,
                       help="seconds per input-pipeline measurement (0 skips it)")
@@ -367,9 +456,14 @@ def main(argv=None) -> None:
                       help="the device's peak TFLOP/s for --dtype (e.g. 989 for an H100 SXM's dense bfloat16 "
                            "tensor cores): adds each train step's fraction of it")
   args = parser.parse_args(argv)
-  result = run(steps=args.steps, quick=args.quick, algos=tuple(a for a in args.algos.split(",") if a),
-               dtype=args.dtype, bank_calls=args.bank_calls, input_seconds=args.input_seconds,
-               profile_dir=args.profile or None, peak_tflops=args.peak_tflops)
+  startup.prepare(args.cpu_fast_paths)  # as semi_jax.main does, before JAX starts its threads
+  try:
+    result = run(steps=args.steps, quick=args.quick, algos=tuple(a for a in args.algos.split(",") if a),
+                 dtype=args.dtype, bank_calls=args.bank_calls, input_seconds=args.input_seconds,
+                 profile_dir=args.profile or None, peak_tflops=args.peak_tflops, cpu_fast_paths=args.cpu_fast_paths,
+                 config_path=args.config, loop_steps=args.loop_steps)
+  except ValueError as e:
+    raise SystemExit(f"semi_jax.tools.bench: {e}") from None
   print(format_report(result))
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

@@ -1,6 +1,6 @@
 """Throughput of the augmentation pipeline: images/s through tf.data on a given number of host threads.
 
-  python -m semi_jax.bench_augment [--threads 1,2] [--seconds 5] [--size 32] [--batch 64]
+  python -m semi_jax.tools.bench_augment [--threads 1,2] [--seconds 5] [--size 32] [--batch 64]
 
 Measures the weak view alone (labeled stream) and one weak + two strong views (unlabeled stream, counted per
 source image) over random uint8 images, after a warm-up that also pays the one-off graph tracing. Besides
@@ -13,12 +13,10 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from semi_jax import augment  # noqa: E402
+from semi_jax import augment
 
 _WARMUP_BATCHES = 20
 

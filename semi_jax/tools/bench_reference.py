@@ -1,11 +1,11 @@
 """semi_jax's train step side by side with the PyTorch reference (pywin/SeMi), in one run, step by step.
 
-  python -m semi_jax.bench_reference --reference_repo=PATH --torch_python=PATH [--rounds=15] [--algo=semi]
-                                     [--threads=2] [--out=bench_reference.json]
+  python -m semi_jax.tools.bench_reference --reference_repo=PATH --torch_python=PATH [--rounds=15] [--algo=semi]
+                                           [--threads=2] [--out=bench_reference.json]
 
-Three worker processes each hold one warm step: semi_jax's compiled train step (the `semi_jax.bench`
+Three worker processes each hold one warm step: semi_jax's compiled train step (the `semi_jax.tools.bench`
 configuration: WRN-28-2, 64 labeled + 3 x 64 unlabeled 32x32 images, past the warm-up epochs), the reference's
-full training iteration and its forward+backward+SGD core (`semi_jax/reference_worker.py`, run with
+full training iteration and its forward+backward+SGD core (`semi_jax/tools/reference_worker.py`, run with
 `--torch_python`, an interpreter that has torch; the reference code comes from `--reference_repo`, a checkout of
 pywin/SeMi). Every round runs one step of each, in an order that rotates from round to round, and only one process
 computes at a time: on a shared machine whose speed drifts by 5-10 % from minute to minute, separate runs a few
@@ -126,26 +126,24 @@ def format_report(result: dict, ours: str = OURS) -> str:
 
 def jax_worker(algo: str, quick: bool) -> None:
   """The semi_jax side of the protocol: one compiled train step per line on stdin."""
-  from semi_jax import host_malloc
-  host_malloc.apply_or_exit("semi_jax.bench_reference")  # before JAX starts its threads, as semi_jax.bench does
-  import jax
-  from semi_jax import bench
+  from semi_jax import startup
+  startup.prepare("auto")  # before JAX starts its threads, as semi_jax.tools.bench does
+  from semi_jax.tools import bench
 
-  compiled, state, batches, _, compile_s = bench.compiled_train_step(bench.bench_config(algo, quick))
-  rng = jax.random.key(bench.STEP_SEED)
+  config = bench.bench_config(algo, quick)
+  step = bench.compiled_train_step(config)
   i = 0
 
   def run_one() -> float:
-    nonlocal state, i
+    nonlocal i
     start = time.perf_counter()
-    state, out = compiled(state, batches[i % len(batches)], rng)
-    jax.block_until_ready((state, out))
+    step.run(i)
     i += 1
     return 1000.0 * (time.perf_counter() - start)
 
   for _ in range(bench.WARMUP_STEPS):
     run_one()
-  info = dict(bench.environment(), algo=algo, quick=quick, compile_s=compile_s)
+  info = dict(bench.environment(config), algo=algo, quick=quick, compile_s=step.compile_s)
   print(f"{READY} {json.dumps(info)}", flush=True)
   for _ in sys.stdin:
     print(f"{MS} {run_one():.3f}", flush=True)
@@ -166,23 +164,23 @@ def main(argv=None) -> None:
   if args.worker == "jax":
     return jax_worker(args.algo, args.quick)
   if not args.reference_repo or not os.path.isfile(os.path.join(args.reference_repo, "train_semi.py")):
-    raise SystemExit(f"semi_jax.bench_reference: --reference_repo={args.reference_repo} is not a checkout of "
+    raise SystemExit(f"semi_jax.tools.bench_reference: --reference_repo={args.reference_repo} is not a checkout of "
                      "pywin/SeMi (no train_semi.py there); clone it and pass its path.")
   if not args.torch_python or not os.access(args.torch_python, os.X_OK):
-    raise SystemExit(f"semi_jax.bench_reference: --torch_python={args.torch_python} is not an executable; pass "
+    raise SystemExit(f"semi_jax.tools.bench_reference: --torch_python={args.torch_python} is not an executable; pass "
                      "the python of an environment with torch (e.g. a venv with `pip install torch numpy`).")
   if args.rounds < 1:
-    raise SystemExit(f"semi_jax.bench_reference: --rounds must be >= 1, got {args.rounds}.")
+    raise SystemExit(f"semi_jax.tools.bench_reference: --rounds must be >= 1, got {args.rounds}.")
   reference = [args.torch_python, WORKER_SCRIPT, f"--repo={args.reference_repo}", f"--threads={args.threads}"]
   workers = {}
   try:
-    workers[OURS] = Worker(OURS, [sys.executable, "-m", "semi_jax.bench_reference", "--worker=jax",
+    workers[OURS] = Worker(OURS, [sys.executable, "-m", "semi_jax.tools.bench_reference", "--worker=jax",
                                   f"--algo={args.algo}"])
     workers["reference_full"] = Worker("reference_full", reference + ["--mode=full"])
     workers["reference_core"] = Worker("reference_core", reference + ["--mode=core"])
     times = alternate(workers, args.rounds)
   except WorkerError as e:
-    raise SystemExit(f"semi_jax.bench_reference: {e}") from None
+    raise SystemExit(f"semi_jax.tools.bench_reference: {e}") from None
   finally:
     for worker in workers.values():
       worker.close()

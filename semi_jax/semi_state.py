@@ -1,0 +1,100 @@
+"""SeMi's own state and its update after each step: memory-bank push and decay, class-frequency monitor,
+consistency centre.
+
+`update` is the one place where this state changes; the objective only reads it (`objective.compute_objective`
+returns in `Aux` what the update needs).
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from semi_jax import memory_bank, schedules
+
+# Per-class factor of the prototype-mixing weight (config field plce.class_weight).
+CLASS_WEIGHTS = ("frequency", "decayed_frequency", "decayed_inverse", "uniform")
+
+
+@flax.struct.dataclass
+class SemiState:
+  bank: memory_bank.MemoryBank
+  last_decay_step: jnp.ndarray  # step count at the last bank confidence decay
+  label_counts: jnp.ndarray  # f32[C]: confident pseudo-labels per class, accumulated (class-frequency monitor)
+  class_weight: jnp.ndarray  # f32[C]: per-class factor of the prototype-mixing weight, refreshed every epoch
+  qbar: jnp.ndarray  # f32[D]: EMA centre of the consistency teacher
+
+
+def init(num_classes: int, feature_dim: int, bank_size: int) -> SemiState:
+  return SemiState(
+      bank=memory_bank.init_bank(num_classes, bank_size, feature_dim),
+      last_decay_step=jnp.zeros((), jnp.int32),
+      label_counts=jnp.zeros((num_classes,), jnp.float32),
+      class_weight=jnp.ones((num_classes,), jnp.float32),
+      qbar=jnp.zeros((feature_dim,), jnp.float32))
+
+
+def monitor_class_weight(counts, epoch, df, kind: str):
+  """Per-class factor of the prototype-mixing weight from the accumulated confident pseudo-label counts."""
+  total = jnp.sum(counts)
+  freq = counts / jnp.maximum(total, 1.0)
+  inv = jnp.where(counts > 0, total / jnp.maximum(counts, 1.0), 0.0)
+  inv = inv / jnp.maximum(jnp.sum(inv), 1e-12)
+  power = 1.0 - df ** (epoch + 1.0)
+  safe_log = lambda p: jnp.log(jnp.maximum(p, 1e-12))
+  if kind == "frequency":  # the reference's choice ("inv_base" there)
+    return freq
+  if kind == "decayed_frequency":
+    return jnp.exp(safe_log(freq) * power)
+  if kind == "decayed_inverse":
+    return jnp.exp(safe_log(inv) * power)
+  if kind == "uniform":
+    return jnp.ones_like(counts)
+  raise ValueError(f"unknown plce.class_weight {kind!r}; choose one of {CLASS_WEIGHTS}.")
+
+
+def _schedule(config, field):
+  return schedules.make_schedule(field, config.train.total_steps, config.train.steps_per_epoch)
+
+
+def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[SemiState, dict]:
+  """The SeMi state after step `step` (0-based) from the objective's `aux` (`objective.Aux`).
+
+  - bank (bank.enabled): both strong views' features enter as candidates with the confidence and class of their
+    weak view's pseudo-label, where it is confident; every `bank.decay_every` steps the entries not written since
+    the last decay lose confidence (x `bank.beta`). `gather` places the candidates on every device before the
+    push (the bank is replicated), so each device updates its copy locally.
+  - monitor: confident pseudo-labels counted per class; at the last step of every epoch the prototype-mixing
+    class weight is recomputed from the counts.
+  - consistency centre (cons.enabled, after the warm-up): qbar <- m qbar + (1 - m) mean(teacher).
+  Returns (new state, metrics).
+  """
+  metrics = {}
+  bank, last_decay = semi.bank, semi.last_decay_step
+  if config.bank.enabled:
+    twice = lambda a: gather(jnp.concatenate([a, a], axis=0))
+    feats = gather(jax.lax.stop_gradient(jnp.concatenate(aux.f_strong, axis=0)))
+    bank = memory_bank.push(bank, feats, twice(aux.conf), twice(aux.target), twice(aux.mask))
+    interval = jnp.maximum(jnp.round(_schedule(config, config.bank.decay_every)(step)).astype(jnp.int32), 1)
+    due = (step + 1 - last_decay) >= interval
+    bank = jax.lax.cond(due, memory_bank.decay, lambda b, _: b, bank, _schedule(config, config.bank.beta)(step))
+    last_decay = jnp.where(due, step + 1, last_decay)
+    fill = memory_bank.fill_fraction(bank)
+    metrics.update(bank_fill=jnp.mean(fill), bank_fill_min=jnp.min(fill),
+                   bank_confidence=jnp.mean(memory_bank.mean_confidence(bank)))
+
+  spe = config.train.steps_per_epoch
+  counts = semi.label_counts + jnp.zeros_like(semi.label_counts).at[aux.target].add(aux.mask.astype(jnp.float32))
+  epoch_end = (step % spe) == (spe - 1)
+  class_weight = jax.lax.cond(
+      epoch_end,
+      lambda: monitor_class_weight(counts, step // spe, _schedule(config, config.ssl.monitor_df)(step),
+                                   config.plce.class_weight),
+      lambda: semi.class_weight)
+
+  qbar = semi.qbar
+  if config.cons.enabled:
+    m = config.cons.center_momentum
+    qbar = jnp.where(aux.after_warmup, m * semi.qbar + (1.0 - m) * aux.teacher_mean, semi.qbar)
+  return semi.replace(bank=bank, last_decay_step=last_decay, label_counts=counts, class_weight=class_weight,
+                      qbar=qbar), metrics

@@ -1,0 +1,81 @@
+"""The paper configurations lower for TPU and GPU (jax.export, 8-device data axis) without anything CPU-only.
+
+`semi_jax.tools.export_check` builds the run's programs exactly as `semi_jax.train` does and exports them for
+('tpu', 'cuda') at once: a primitive without a lowering for either platform, a custom call without a stability
+guarantee (host callbacks, XLA:CPU kernels), the CPU fast paths on an accelerator or an unsharded batch input
+fails the check. The negative tests show that each of those failures is caught.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semi_jax import config_files, objective, sharding
+from semi_jax.tools import export_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert jax.device_count() == 8
+  return sharding.make_mesh()
+
+
+def _config(spec, dtype):
+  config = config_files.load(os.path.join(ROOT, "configs", spec))
+  config.model.dtype = dtype
+  return config
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("spec, model", [("cifar10_lt.py", (28, 2)), ("imagenet127.py:size=64", (28, 2))])
+def test_paper_configs_lower_for_tpu_and_cuda(mesh, spec, model, dtype):
+  config = _config(spec, dtype)
+  assert (config.model.depth, config.model.width) == model and config.cpu_fast_paths == "auto"
+  results = export_check.lower(config, mesh, platforms=("tpu", "cuda"))
+  assert [r.name for r in results] == ["train_step", "eval_step"]
+  for r in results:
+    assert r.problems == [], (r.name, r.problems)
+    assert r.exported.platforms == ("tpu", "cuda") and r.exported.nr_devices == 8
+    assert r.batch_inputs_sharded == r.batch_inputs >= 3  # images, y, u_label / image, label, mask
+    assert all(not any(p in t.lower() for p in export_check.CPU_ONLY_TARGETS) for t in r.custom_calls)
+  module = results[0].exported.mlir_module()
+  size = 64 if "size=64" in spec else 32
+  assert f"tensor<256x{size}x{size}x3xui8>" in module  # 64 labeled + 3 x 64 unlabeled images
+  assert "tf.aliasing_output" in module  # state and carry donated: updated in place on the accelerator
+
+
+def test_the_cpu_fast_paths_on_an_accelerator_are_reported(mesh):
+  config = _config("test.py", "float32")
+  config.cpu_fast_paths = "on"
+  problems = [p for r in export_check.lower(config, mesh) for p in r.problems]
+  assert any("CPU fast paths are on" in p for p in problems), problems
+
+
+def test_a_host_callback_in_the_step_fails_the_lowering(mesh, monkeypatch):
+  real = objective.unlabeled_loss
+
+  def with_callback(*args):
+    loss = real(*args)
+    return jax.pure_callback(lambda x: np.asarray(x), jax.ShapeDtypeStruct((), jnp.float32), loss)
+
+  monkeypatch.setattr(objective, "unlabeled_loss", with_callback)
+  with pytest.raises(Exception, match="callback"):
+    export_check.lower(_config("test.py", "float32"), mesh)
+
+
+@pytest.mark.parametrize("setting, code", [("auto", 0), ("on", 1)])
+def test_the_command_checks_a_config_from_another_directory(tmp_path, setting, code):
+  """A fresh process simulating 2 devices, as a user runs it before booking a pod; exit status 1 on a problem."""
+  r = subprocess.run([sys.executable, "-m", "semi_jax.tools.export_check",
+                      f"--config={os.path.join(ROOT, 'configs', 'test.py')}:algo=acr", "--devices=2",
+                      "--dtypes=bfloat16", "--platforms=tpu", f"--config.cpu_fast_paths={setting}"],
+                     cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+  assert r.returncode == code, r.stdout + r.stderr[-3000:]
+  assert "train_step  bfloat16  tpu" in r.stdout and "2 devices" in r.stdout
+  assert ("all programs lowered" in r.stdout) == (code == 0)
