@@ -4,8 +4,9 @@ Every process of a multi-host run must call `maybe_initialize()` before its firs
 to describe the cluster:
   * explicitly: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i (0 .. N-1) in
     every process (several GPU hosts, or several CPU processes);
-  * automatically on Cloud TPU VMs (TPU chips present, or TPU_WORKER_HOSTNAMES set) and in a SLURM job step
-    (`srun`) of more than one task: jax.distributed.initialize() finds the coordinator and the process id itself;
+  * automatically on Cloud TPU VMs (TPU chips and libtpu present, or TPU_WORKER_HOSTNAMES set) and in a SLURM
+    job step (`srun`) of more than one task: jax.distributed.initialize() finds the coordinator and the process
+    id itself;
   * SEMI_JAX_DISTRIBUTED=1 forces the automatic call anywhere (e.g. Open MPI), SEMI_JAX_DISTRIBUTED=0 turns
     it off.
 Cross-process collectives on CPU go through gloo (set before the CPU backend is created).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import os
 from typing import Mapping
 
@@ -33,8 +35,10 @@ class Plan:
 
 
 def _tpu_chips_present() -> bool:
-  # The device files of a Cloud TPU VM's chips (v2-v4: /dev/accel*, v5e and newer: /dev/vfio/<n>).
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+  # The device files of a Cloud TPU VM's chips (v2-v4: /dev/accel*, v5e and newer: /dev/vfio/<n>), and the TPU
+  # runtime JAX needs to use them: VFIO devices alone also appear on GPU VMs with passed-through devices.
+  chips = glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+  return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def _int_var(environ: Mapping[str, str], name: str) -> int:

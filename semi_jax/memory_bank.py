@@ -198,7 +198,9 @@ def push(bank: MemoryBank, feats: jax.Array, conf: jax.Array, labels: jax.Array,
   # source[c, k] < K: stored slot of class c; >= K: K + sorted candidate index.
   source = jnp.zeros((num_classes, size), jnp.int32).at[rows, stored_pos].set(
       jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (num_classes, size)), mode="drop", unique_indices=True)
-  cand_target = jnp.where(entering, sorted_class * size + cand_pos, num_classes * size)  # out of range: dropped
+  # Candidates that do not enter get distinct out-of-range targets (dropped), so the indices really are unique.
+  dropped = num_classes * size + batch_index
+  cand_target = jnp.where(entering, sorted_class * size + cand_pos, dropped)
   source = source.reshape(-1).at[cand_target].set(size + batch_index, mode="drop", unique_indices=True)
   source = source.reshape(num_classes, size)
 
@@ -216,7 +218,7 @@ def push(bank: MemoryBank, feats: jax.Array, conf: jax.Array, labels: jax.Array,
   freed_rank = jnp.clip(size - entering_count[sorted_class] + rank, 0, size - 1)
   cand_storage = bank.slot.reshape(-1)[sorted_class * size + freed_rank]
   new_slot = jnp.where(from_stored, _take_rows(bank.slot, stored_rank), cand_storage[cand])
-  write_row = jnp.where(entering, sorted_class * size + cand_storage, num_classes * size)  # out of range: dropped
+  write_row = jnp.where(entering, sorted_class * size + cand_storage, dropped)
   new_feats = bank.feats.reshape(num_classes * size, dim).at[write_row].set(
       feats.astype(bank.feats.dtype)[sorted_index], mode="drop", unique_indices=True)
   return MemoryBank(feats=new_feats.reshape(num_classes, size, dim), conf=new_conf, filled=new_filled,
