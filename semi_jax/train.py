@@ -1,6 +1,6 @@
 """train_and_evaluate(config, workdir): set-up, the training loop, evaluation, logging and checkpoints.
 
-`build_program` compiles what a run executes (state init, the guarded train step, the eval step) for a mesh.
+`build_program` builds what a run executes (state init, the guarded train step, the eval step) for a mesh.
 Everything heavy happens in those jitted functions; the loop makes one dispatch per step besides the batch
 transfer (metrics accumulate on the device) and, every N steps, logs, evaluates and checkpoints. Only process 0
 writes logs.
@@ -144,6 +144,9 @@ class Trainer:
     t = config.train
     self.mesh = mesh or sharding.make_mesh(config.mesh)
     config_validation.validate(config, num_devices=self.mesh.devices.size, num_processes=jax.process_count())
+    # Every check runs before the workdir is touched; a workdir holding another run is refused here.
+    gfile.makedirs(workdir)
+    check_workdir_config(config, workdir)
 
     dataset = datasets.load(config.data)
     if dataset.image_size != config.data.image_size:
@@ -155,7 +158,6 @@ class Trainer:
                                       config.eval.few_threshold)
     self.program = build_program(config, self.mesh, num_classes=self.num_classes,
                                  class_prior=self.data.class_prior, mean=dataset.mean, std=dataset.std, model=model)
-    self.ctx = self.program.ctx
     self.rng = jax.random.key(config.seed)
     self.state = self.program.init_state(jax.random.fold_in(self.rng, 0))
     self.step_rng = jax.random.fold_in(self.rng, 1)
@@ -396,10 +398,4 @@ def check_workdir_config(config, workdir: str) -> None:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  config_validation.validate(config)
-  mesh = sharding.make_mesh(config.mesh)
-  # Every check that needs the devices runs before the workdir is touched.
-  config_validation.validate(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
-  gfile.makedirs(workdir)
-  check_workdir_config(config, workdir)
-  return Trainer(config, workdir, mesh=mesh).run()
+  return Trainer(config, workdir).run()
