@@ -136,10 +136,6 @@ def consistency_loss(f_uw, f_us1, f_us2, qbar, weights, *, proto_t: float):
   return jnp.mean(terms * weights), jnp.mean(teacher, axis=0)
 
 
-def _schedule(config, field):
-  return schedules.make_schedule(field, config.train.total_steps, config.train.steps_per_epoch)
-
-
 def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, semi, step, config, class_prior):
   """The loss of one step from the outputs of one forward pass over (x, u_w, u_s, u_s').
 
@@ -149,7 +145,7 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
   """
   s = config.ssl
   after_warmup = (step // config.train.steps_per_epoch) > s.est_epoch
-  threshold = _schedule(config, s.threshold)(step)
+  threshold = schedules.of_run(s.threshold, config)(step)
   prior = jnp.asarray(class_prior, jnp.float32)
   if s.reference_row_order:  # reproduces the reference's feature rows (mu == 1 enforced by validation)
     rows = interleave_rows(jnp.concatenate(feats), 4)
@@ -164,7 +160,7 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
   # Pseudo-labels of the standard head, mixed with the prototypes, and their masks.
   p_plain, p = pseudo_labels(logits.u_weak, prior, temperature=s.temperature, pula=s.pula, tau1=s.tau1)
   if config.plce.enabled:
-    ramp = _schedule(config, config.plce.ramp)(step)
+    ramp = schedules.of_run(config.plce.ramp, config)(step)
     weight = jnp.where(after_warmup, config.plce.alpha * ramp * semi.class_weight, 0.0)
     p, weight = mix_prototypes(p, feats.u_strong1, semi.bank, weight, tau=config.plce.tau_tar,
                                renormalize=config.plce.renormalize)
@@ -177,7 +173,8 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
   # Hard-example mining and the unlabeled loss.
   weights = mask_ss.astype(jnp.float32)
   if config.miner.enabled:
-    ohem, mined = mining_weights(p, mask_ss, mode=config.miner.mode, scale=_schedule(config, config.miner.scale)(step),
+    scale = schedules.of_run(config.miner.scale, config)(step)
+    ohem, mined = mining_weights(p, mask_ss, mode=config.miner.mode, scale=scale,
                                  hard_fraction=config.miner.hard_fraction, active=after_warmup)
     weights = weights * ohem
     metrics.update(mined)

@@ -163,6 +163,11 @@ def make_schedule(cfg: Mapping, total_steps: int, steps_per_epoch: int | None = 
   return _with_warmup(base, warmup_steps, float(cfg["warmup_value"]))
 
 
+def of_run(cfg: Mapping, config) -> Schedule:
+  """`make_schedule` of a schedule field of a run's `config`, over its train.total_steps and steps_per_epoch."""
+  return make_schedule(cfg, config.train.total_steps, config.train.steps_per_epoch)
+
+
 def sample(cfg: Mapping, total_steps: int, steps_per_epoch: int | None, points) -> np.ndarray:
   """Evaluates the schedule at the integer steps `points`; returns a float32 numpy array of their shape."""
   points = np.asarray(points)

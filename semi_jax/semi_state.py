@@ -53,10 +53,6 @@ def monitor_class_weight(counts, epoch, df, kind: str):
   raise ValueError(f"unknown plce.class_weight {kind!r}; choose one of {CLASS_WEIGHTS}.")
 
 
-def _schedule(config, field):
-  return schedules.make_schedule(field, config.train.total_steps, config.train.steps_per_epoch)
-
-
 def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[SemiState, dict]:
   """The SeMi state after step `step` (0-based) from the objective's `aux` (`objective.Aux`).
 
@@ -75,9 +71,9 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
     twice = lambda a: gather(jnp.concatenate([a, a], axis=0))
     feats = gather(jax.lax.stop_gradient(jnp.concatenate(aux.f_strong, axis=0)))
     bank = memory_bank.push(bank, feats, twice(aux.conf), twice(aux.target), twice(aux.mask))
-    interval = jnp.maximum(jnp.round(_schedule(config, config.bank.decay_every)(step)).astype(jnp.int32), 1)
+    interval = jnp.maximum(jnp.round(schedules.of_run(config.bank.decay_every, config)(step)).astype(jnp.int32), 1)
     due = (step + 1 - last_decay) >= interval
-    bank = jax.lax.cond(due, memory_bank.decay, lambda b, _: b, bank, _schedule(config, config.bank.beta)(step))
+    bank = jax.lax.cond(due, memory_bank.decay, lambda b, _: b, bank, schedules.of_run(config.bank.beta, config)(step))
     last_decay = jnp.where(due, step + 1, last_decay)
     fill = memory_bank.fill_fraction(bank)
     metrics.update(bank_fill=jnp.mean(fill), bank_fill_min=jnp.min(fill),
@@ -88,7 +84,7 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
   epoch_end = (step % spe) == (spe - 1)
   class_weight = jax.lax.cond(
       epoch_end,
-      lambda: monitor_class_weight(counts, step // spe, _schedule(config, config.ssl.monitor_df)(step),
+      lambda: monitor_class_weight(counts, step // spe, schedules.of_run(config.ssl.monitor_df, config)(step),
                                    config.plce.class_weight),
       lambda: semi.class_weight)
 

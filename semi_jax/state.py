@@ -35,7 +35,7 @@ def _decay_mask(params):
 def make_optimizer(config) -> optax.GradientTransformation:
   """SGD with Nesterov momentum and coupled weight decay, as torch.optim.SGD(weight_decay=...)."""
   o = config.optim
-  lr_factor = schedules.make_schedule(o.lr_schedule, config.train.total_steps, config.train.steps_per_epoch)
+  lr_factor = schedules.of_run(o.lr_schedule, config)
   return optax.chain(
       optax.add_decayed_weights(o.weight_decay, mask=_decay_mask),
       optax.sgd(lambda step: o.lr * lr_factor(step), momentum=o.momentum, nesterov=o.nesterov))

@@ -89,17 +89,24 @@ class Program:
   eval_step: Callable
 
 
+def cpu_fast_paths(config, mesh, platforms=None) -> tuple[bool, dict]:
+  """(whether the CPU fast paths are on, the XLA compiler options) of a run of `config` on `mesh`, meant for
+  `platforms` (default: those of the mesh's devices). The compiler options apply only where the mesh's devices
+  are CPUs."""
+  mesh_platforms = cpu.platforms_of(mesh)
+  fast = cpu.enabled(config.cpu_fast_paths, mesh_platforms if platforms is None else platforms)
+  return fast, compiler_options.for_run(fast and mesh_platforms == {"cpu"})
+
+
 def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, platforms=None,
                   model=None) -> Program:
   """Builds (without compiling) the run's jitted functions for `mesh`.
 
   `platforms` are the platforms the program is meant for (default: those of the mesh's devices). The CPU fast
-  paths (`config.cpu_fast_paths`) follow them, so that a program lowered for TPU or GPU on a CPU machine gets
-  the accelerator layers; the XLA:CPU compiler options apply only where the mesh's devices are CPUs. `model`
-  replaces the configured one (benchmarks of the loop itself).
+  paths (`cpu_fast_paths`) follow them, so that a program lowered for TPU or GPU on a CPU machine gets the
+  accelerator layers. `model` replaces the configured one (benchmarks of the loop itself).
   """
-  fast = cpu.enabled(config.cpu_fast_paths, cpu.platforms_of(mesh) if platforms is None else platforms)
-  options = compiler_options.for_run(fast and cpu.platforms_of(mesh) == {"cpu"})
+  fast, options = cpu_fast_paths(config, mesh, platforms)
   model = model or create_model(config.model, num_classes, cpu_fast_paths=fast)
   ctx = steps.StepContext(model=model, tx=make_optimizer(config), config=config,
                           class_prior=np.asarray(class_prior, np.float32), mean=np.asarray(mean, np.float32),

@@ -98,8 +98,8 @@ def train_step(state: TrainState, batch, rng, ctx: StepContext):
 
   semi, semi_metrics = semi_state.update(state.semi, aux, state.step, cfg, gather=ctx.replicate)
 
-  lr_factor = schedules.make_schedule(cfg.optim.lr_schedule, cfg.train.total_steps, cfg.train.steps_per_epoch)
-  metrics.update(semi_metrics, grad_norm=optax.global_norm(grads), lr=cfg.optim.lr * lr_factor(state.step))
+  lr = cfg.optim.lr * schedules.of_run(cfg.optim.lr_schedule, cfg)(state.step)
+  metrics.update(semi_metrics, grad_norm=optax.global_norm(grads), lr=lr)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                             ema_params=ema_params, semi=semi)
   return new_state, metrics

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semi_jax import config_files, cpu, datasets, memory_bank, sharding, startup, train
-from semi_jax.cpu import compiler_options, malloc
+from semi_jax.cpu import malloc
 
 # (num_classes, bank size K, candidates N) of CIFAR-10, CIFAR-100 and ImageNet-127 (N = 2 strong views x U).
 BANK_SIZES = ((10, 128, 128), (100, 128, 512), (127, 128, 1024))
@@ -329,8 +329,8 @@ def environment(config=None) -> dict:
          "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": malloc.status}
   if config is not None:
-    fast = cpu.enabled(config.cpu_fast_paths, {devices[0].platform})
-    env.update(cpu_fast_paths=fast, compiler_options=compiler_options.for_run(fast and devices[0].platform == "cpu"))
+    fast, options = train.cpu_fast_paths(config, sharding.make_mesh(devices=devices[:1]))
+    env.update(cpu_fast_paths=fast, compiler_options=options)
   return env
 
 
