@@ -11,12 +11,14 @@ Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_v
   DIR/per_class.png              final per-class accuracy per variant (error bars: std over seeds);
   DIR/schedules.png              the swept schedules of every variant vs step (when any schedule is swept).
 Accuracies are in %. A run that has not finished is included with its latest evaluation (see 'steps').
+DIR may be on a remote file system such as gs:// (see semi_jax.files).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -30,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
-from semi_jax import schedules, sweep
+from semi_jax import files, schedules, sweep
 
 EVAL_LOG = "eval.jsonl"  # written by semi_jax.train, one record per evaluation
 CSV_FILE, MD_FILE = "report.csv", "report.md"
@@ -58,51 +60,40 @@ class SeedRun:
 def read_evals(path: str) -> list[dict]:
   """The records of an eval.jsonl, sorted by step; when a resumed run logged a step twice the last one wins."""
   by_step = {}
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except ValueError:  # a line cut short by a killed run
-        logging.warning("%s:%d is not valid JSON; skipped.", path, n)
-        continue
-      by_step[int(record["step"])] = record
-  return [by_step[s] for s in sorted(by_step)]
-
-
-def _read_json(path: str):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
+  for n, line in enumerate(files.read_text(path).split("\n"), 1):
+    if not line.strip():
+      continue
     try:
-      return json.load(f)
-    except ValueError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); rewrite or delete it.") from None
+      record = json.loads(line)
+    except ValueError:  # a line cut short by a killed run
+      logging.warning("%s:%d is not valid JSON; skipped.", path, n)
+      continue
+    by_step[int(record["step"])] = record
+  return [by_step[s] for s in sorted(by_step)]
 
 
 def load_runs(workdir: str) -> list[SeedRun]:
   """Every DIR/<variant>/seed_<s> run, in sweep order (then by name and seed)."""
-  if not os.path.isdir(workdir):
+  if not files.isdir(workdir):
     raise ValueError(f"--workdir={workdir!r} is not a directory; give the sweep directory of semi_jax.sweep.")
   runs = []
-  for variant_dir in sorted(os.listdir(workdir)):
-    vpath = os.path.join(workdir, variant_dir)
-    if not os.path.isdir(vpath):
+  for variant_dir in files.listdir(workdir):
+    vpath = files.join(workdir, variant_dir)
+    if not files.isdir(vpath):
       continue
-    for seed_dir in sorted(os.listdir(vpath)):
+    for seed_dir in files.listdir(vpath):
       match = _SEED_DIR.fullmatch(seed_dir)
-      rpath = os.path.join(vpath, seed_dir)
-      if not match or not os.path.isdir(rpath):
+      rpath = files.join(vpath, seed_dir)
+      if not match or not files.isdir(rpath):
         continue
-      meta = _read_json(os.path.join(rpath, sweep.VARIANT_FILE)) or {}
+      meta = files.read_json(files.join(rpath, sweep.VARIANT_FILE)) or {}
       runs.append(SeedRun(variant=meta.get("name", variant_dir), seed=int(meta.get("seed", match.group(1))),
                           workdir=rpath, index=int(meta.get("index", sys.maxsize)),
                           overrides=meta.get("overrides", {}), config=meta.get("config"),
-                          evals=read_evals(os.path.join(rpath, EVAL_LOG)),
-                          summary=_read_json(os.path.join(rpath, sweep.SUMMARY))))
+                          evals=read_evals(files.join(rpath, EVAL_LOG)),
+                          summary=files.read_json(files.join(rpath, sweep.SUMMARY))))
   runs.sort(key=lambda r: (r.index, r.variant, r.seed))
   return runs
 
@@ -204,11 +195,12 @@ def describe_overrides(run: SeedRun) -> str:
 def write_csv(rows: Sequence[dict], path: str) -> None:
   columns = ["variant", "seeds", "finished", "steps"]
   columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["final_delta", "overrides"]
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+  buffer = io.StringIO()  # then one atomic write through semi_jax.files (the directory may be on gs://)
+  writer = csv.DictWriter(buffer, fieldnames=columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+  files.write_text_atomic(path, buffer.getvalue())
 
 
 def _pm(mean: float, std: float) -> str:
@@ -249,7 +241,9 @@ def _colors(n: int):
 def _save(fig: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buffer = io.BytesIO()  # savefig cannot write to gs://: through a buffer and semi_jax.files
+  fig.savefig(buffer, format="png", dpi=110)
+  files.write_bytes_atomic(path, buffer.getvalue())
 
 
 def mean_curve(group: Sequence[SeedRun], value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -355,22 +349,21 @@ def make_report(workdir: str, last_n: int = 5) -> dict[str, str]:
   groups = group_by_variant(runs)
   pending = sorted({r.variant for r in runs} - set(groups))
   written = {}
-  plot_metric_curves(groups, os.path.join(workdir, PLOTS["balanced_acc"]),
+  plot_metric_curves(groups, files.join(workdir, PLOTS["balanced_acc"]),
                      [("Test balanced accuracy (reported head)", "balanced accuracy (%)",
                        lambda r: _head(r)["balanced_acc"])])
-  plot_metric_curves(groups, os.path.join(workdir, PLOTS["bank"]),
+  plot_metric_curves(groups, files.join(workdir, PLOTS["bank"]),
                      [("Memory bank: mean confidence", "confidence", _bank_mean("bank_confidence")),
                       ("Memory bank: fill", "filled fraction", _bank_mean("bank_fill"))])
-  plot_per_class(groups, os.path.join(workdir, PLOTS["per_class"]))
+  plot_per_class(groups, files.join(workdir, PLOTS["per_class"]))
   names = ["balanced_acc", "bank", "per_class"]
-  if plot_schedules(groups, os.path.join(workdir, PLOTS["schedules"])):
+  if plot_schedules(groups, files.join(workdir, PLOTS["schedules"])):
     names.append("schedules")
-  written.update({n: os.path.join(workdir, PLOTS[n]) for n in names})
-  written["csv"] = os.path.join(workdir, CSV_FILE)
+  written.update({n: files.join(workdir, PLOTS[n]) for n in names})
+  written["csv"] = files.join(workdir, CSV_FILE)
   write_csv(rows, written["csv"])
-  written["md"] = os.path.join(workdir, MD_FILE)
-  with open(written["md"], "w") as f:
-    f.write(markdown(rows, last_n, [PLOTS[n] for n in names], pending))
+  written["md"] = files.join(workdir, MD_FILE)
+  files.write_text_atomic(written["md"], markdown(rows, last_n, [PLOTS[n] for n in names], pending))
   return written
 
 
@@ -389,12 +382,12 @@ def main(argv, flag_values) -> None:
     written = make_report(flag_values.workdir, flag_values.last_n)
   except ValueError as e:
     sys.exit(f"semi_jax.report: {e}")
-  with open(written["md"]) as f:
-    print(f.read())
+  print(files.read_text(written["md"]))
   print("Wrote " + ", ".join(written.values()))
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (gfile) is loaded for a gs:// --workdir
   from absl import app
   FLAGS = _define_flags()
   app.run(lambda argv: main(argv, FLAGS))

@@ -11,6 +11,7 @@ run is handed to train_and_evaluate, which resumes from its last checkpoint. Eve
 is built and validated before the first run starts, so a typo in the last variant fails at once.
 --print_commands prints one `python -m semi_jax.main ...` command per run instead (for a cluster) and
 writes the runs' sweep_variant.json files, so the report can label the results.
+DIR may be on a remote file system such as gs:// (see semi_jax.files); the sweep file is local.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import copy
 import dataclasses
 import difflib
 import inspect
-import json
 import numbers
 import os
 import re
@@ -29,7 +29,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from semi_jax import config_files, config_validation
+from semi_jax import config_files, config_validation, files
 
 VARIANT_FILE = "sweep_variant.json"
 SUMMARY = "summary.json"  # written by semi_jax.train at the end of training
@@ -50,7 +50,9 @@ class SweepRun:
 
 def load_sweep_file(path: str):
   """Imports a sweep file by path (like ml_collections' config files) and checks what it declares."""
-  if not os.path.isfile(path):
+  if files.is_remote(path):  # imported as Python: the runs' --workdir may be remote, the sweep file not
+    raise ValueError(f"sweep file {path!r} must be a local file; copy it here (the --workdir may be on gs://).")
+  if not files.isfile(path):
     raise ValueError(f"sweep file {path!r} does not exist; e.g. --config=configs/ablations/decay.py.")
   module = config_files.load_module(path, prefix="semi_jax_sweep_")
   for fn in ("get_config", "get_sweep"):
@@ -159,7 +161,7 @@ def plan(config_spec: str, workdir: str, seeds: Sequence[int] | None = None,
         raise ValueError(f"sweep variant {name!r} (seed {seed}): {e}") from None
       run_config.lock()
       runs.append(SweepRun(variant=name, index=index, seed=seed, overrides=jsonable(overrides),
-                           config=run_config, workdir=os.path.join(workdir, name, f"seed_{seed}"),
+                           config=run_config, workdir=files.join(workdir, name, f"seed_{seed}"),
                            config_spec=config_spec))
   return runs
 
@@ -196,18 +198,11 @@ def variant_record(run: SweepRun) -> dict:
           "config_file": path, "config_arg": arg, "config": run.config.to_dict()}
 
 
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def check_workdirs(runs: Sequence[SweepRun]) -> None:
   """Refuses to reuse a directory that holds another variant's run (other overrides or seed)."""
   for run in runs:
-    old = _read_json(os.path.join(run.workdir, VARIANT_FILE))
+    # A variant file cut short counts as absent; the run rewrites it when it starts.
+    old = files.read_json(files.join(run.workdir, VARIANT_FILE), strict=False)
     if old is None:
       continue
     if (old.get("name"), old.get("seed"), old.get("overrides")) != (run.variant, run.seed, run.overrides):
@@ -218,15 +213,19 @@ def check_workdirs(runs: Sequence[SweepRun]) -> None:
 
 
 def write_variant_file(run: SweepRun) -> None:
-  os.makedirs(run.workdir, exist_ok=True)
-  with open(os.path.join(run.workdir, VARIANT_FILE), "w") as f:
-    json.dump(variant_record(run), f, indent=1)
+  files.makedirs(run.workdir)
+  files.write_json_atomic(files.join(run.workdir, VARIANT_FILE), variant_record(run))
 
 
 def is_finished(run: SweepRun) -> bool:
   """True when the run's summary.json reports the configured number of steps."""
-  summary = _read_json(os.path.join(run.workdir, SUMMARY))
+  summary = _read_summary(run)
   return isinstance(summary, dict) and summary.get("step") == run.config.train.total_steps
+
+
+def _read_summary(run: SweepRun):
+  # A summary cut short (a run killed while writing it) counts as missing: the run resumes and rewrites it.
+  return files.read_json(files.join(run.workdir, SUMMARY), strict=False)
 
 
 def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
@@ -239,10 +238,10 @@ def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
     head = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
     if is_finished(run):
       log(f"{head}: finished, skipped ({run.workdir})")
-      if not os.path.exists(os.path.join(run.workdir, VARIANT_FILE)):
+      if not files.exists(files.join(run.workdir, VARIANT_FILE)):
         write_variant_file(run)
       results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "skipped",
-                      "summary": _read_json(os.path.join(run.workdir, SUMMARY))})
+                      "summary": _read_summary(run)})
       continue
     log(f"{head}: training to step {run.config.train.total_steps} in {run.workdir}")
     write_variant_file(run)

@@ -5,11 +5,12 @@ import math
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
 from configs import test as test_config
-from semi_jax import report, sweep
+from semi_jax import files, report, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -26,28 +27,32 @@ def _record(step, balanced, many=0.0, medium=0.0, few=0.0, acc=0.0, per_class=(0
 
 
 def _write_run(workdir, variant, seed, records, index=0, overrides=None, finished=True, extra_lines=()):
-  run_dir = os.path.join(workdir, variant, f"seed_{seed}")
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, report.EVAL_LOG), "w") as f:
+  """A run directory as semi_jax.sweep and semi_jax.train leave it (through semi_jax.files: local or ram://)."""
+  run_dir = files.join(workdir, variant, f"seed_{seed}")
+  files.makedirs(run_dir)
+  with files.open(files.join(run_dir, report.EVAL_LOG), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
     for line in extra_lines:
       f.write(line)
   if finished:
-    with open(os.path.join(run_dir, sweep.SUMMARY), "w") as f:
-      json.dump({"step": records[-1]["step"], "balanced_acc": records[-1]["balanced"]["balanced_acc"]}, f)
+    files.write_json_atomic(files.join(run_dir, sweep.SUMMARY),
+                            {"step": records[-1]["step"], "balanced_acc": records[-1]["balanced"]["balanced_acc"]})
   overrides = overrides or {}
   config = sweep.apply_overrides(test_config.get_config(), overrides)
-  with open(os.path.join(run_dir, sweep.VARIANT_FILE), "w") as f:
-    json.dump({"name": variant, "index": index, "seed": seed, "overrides": overrides,
-               "config": config.to_dict()}, f)
+  files.write_json_atomic(files.join(run_dir, sweep.VARIANT_FILE),
+                          {"name": variant, "index": index, "seed": seed, "overrides": overrides,
+                           "config": config.to_dict()})
   return run_dir
 
 
 @pytest.fixture
 def two_variants(tmp_path):
+  return _write_two_variants(str(tmp_path))
+
+
+def _write_two_variants(d):
   """'ref' (index 0, seeds 0 and 1, three evaluations) and 'beta' (index 1, one seed, a swept schedule)."""
-  d = str(tmp_path)
   final0 = _record(6, 60.0, many=80.0, medium=40.0, few=10.0, acc=70.0, per_class=(90, 60, 30))
   final1 = _record(6, 70.0, many=90.0, medium=50.0, few=30.0, acc=75.0, per_class=(100, 70, 40))
   _write_run(d, "ref", 0, [_record(2, 50.0), _record(4, 62.0), final0])
@@ -57,8 +62,17 @@ def two_variants(tmp_path):
   return d
 
 
+@pytest.fixture
+def ram_sweep():
+  """A sweep directory on TF's in-memory ram:// file system (a stand-in for gs://), removed afterwards."""
+  path = f"ram://sweep-{uuid.uuid4().hex}"
+  yield path
+  if files.exists(path):
+    files._gfile().rmtree(path)
+
+
 def _read_csv(path):
-  with open(path) as f:
+  with files.open(path) as f:
     return list(csv.DictReader(f))
 
 
@@ -102,6 +116,19 @@ def test_plots_are_png_files(two_variants):
     assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
   md = open(written["md"]).read()
   assert all(f"]({report.PLOTS[n]})" in md for n in ("balanced_acc", "bank", "per_class", "schedules"))
+
+
+def test_report_of_a_sweep_on_ram_equals_the_local_one(two_variants, ram_sweep):
+  written = report.make_report(_write_two_variants(ram_sweep), last_n=2)
+  local = report.make_report(two_variants, last_n=2)
+  assert set(written) == set(local) and all(p.startswith(ram_sweep + "/") for p in written.values())
+  assert _read_csv(written["csv"]) == _read_csv(local["csv"])
+  assert files.read_text(written["md"]) == files.read_text(local["md"])
+  for name in ("balanced_acc", "bank", "per_class", "schedules"):
+    data = files.read_bytes(written[name])
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
+  assert sorted(files.listdir(ram_sweep)) == sorted(["beta", "ref", report.CSV_FILE, report.MD_FILE,
+                                                     *report.PLOTS.values()])  # no temporary file left
 
 
 def test_no_schedule_plot_without_a_swept_schedule(tmp_path):

@@ -10,6 +10,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
+import uuid
 
 from absl import flags
 from ml_collections import config_flags
@@ -18,7 +20,7 @@ import pytest
 from configs import default
 from configs import test as test_config
 from configs.ablations import components
-from semi_jax import report, sweep, train
+from semi_jax import files, report, sweep, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECAY = os.path.join(ROOT, "configs", "ablations", "decay.py")
@@ -216,6 +218,61 @@ def test_workdir_of_another_variant_is_refused(tmp_path, monkeypatch):
   _counting_train(monkeypatch, calls, allow=False)
   with pytest.raises(ValueError, match=r"holds a run of variant 'a' seed 0 with overrides \{'bank.size': 5\}"):
     sweep.run_sweep(runs, log=lambda s: None)
+
+
+@pytest.fixture
+def ram_root():
+  """A sweep directory on TF's in-memory ram:// file system (a stand-in for gs://), removed afterwards."""
+  path = f"ram://sweep-{uuid.uuid4().hex}"
+  yield path
+  if files.exists(path):
+    files._gfile().rmtree(path)
+
+
+def test_bookkeeping_of_a_sweep_on_ram(tmp_path, monkeypatch, ram_root):
+  runs = sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 3}), ("b", {"bank.size": 5})]), ram_root)
+  assert [r.workdir for r in runs] == [f"{ram_root}/a/seed_0", f"{ram_root}/b/seed_0"]
+  total = runs[0].config.train.total_steps
+  files.makedirs(runs[0].workdir)  # 'a' finished before (launched by hand: no variant file)
+  files.write_json_atomic(files.join(runs[0].workdir, sweep.SUMMARY), {"step": total})
+  files.makedirs(runs[1].workdir)  # 'b' was killed while writing its summary
+  files.write_text_atomic(files.join(runs[1].workdir, sweep.SUMMARY), '{"step": ')
+  assert sweep.is_finished(runs[0]) and not sweep.is_finished(runs[1])
+  trained = []
+
+  def fake_train(config, workdir):
+    trained.append(workdir)
+    files.write_json_atomic(files.join(workdir, sweep.SUMMARY), {"step": config.train.total_steps})
+    return {"step": config.train.total_steps}
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  results = sweep.run_sweep(runs, log=lambda s: None)
+  assert trained == [runs[1].workdir]
+  assert [(r["status"], r["summary"]) for r in results] == [("skipped", {"step": total}), ("trained", {"step": total})]
+  for run in runs:
+    meta = files.read_json(files.join(run.workdir, sweep.VARIANT_FILE))
+    assert (meta["name"], meta["seed"], meta["overrides"]) == (run.variant, 0, run.overrides)
+    assert files.listdir(run.workdir) == [sweep.SUMMARY, sweep.VARIANT_FILE]  # no temporary file left
+  assert [r["status"] for r in sweep.run_sweep(runs, log=lambda s: None)] == ["skipped", "skipped"]
+  assert trained == [runs[1].workdir]
+  other = sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 4})]), ram_root)
+  with pytest.raises(ValueError, match=r"holds a run of variant 'a' seed 0 with overrides \{'bank.size': 3\}"):
+    sweep.check_workdirs(other)
+
+
+def test_print_commands_write_the_variant_files_on_ram(tmp_path, capsys, ram_root):
+  path = _write_sweep_file(tmp_path, [("a", {}), ("b", {"bank.size": 5})], seeds="(0, 1)")
+  flag_values = types.SimpleNamespace(config=path, workdir=ram_root, seeds=None, only=None, print_commands=True)
+  sweep.main(["sweep"], flag_values)
+  assert len(capsys.readouterr().out.strip().splitlines()) == 4
+  assert files.listdir(ram_root) == ["a", "b"] and files.listdir(f"{ram_root}/b") == ["seed_0", "seed_1"]
+  meta = files.read_json(f"{ram_root}/b/seed_1/{sweep.VARIANT_FILE}")
+  assert (meta["name"], meta["seed"], meta["overrides"]) == ("b", 1, {"bank.size": 5})
+
+
+def test_the_sweep_file_must_be_local(tmp_path):
+  with pytest.raises(ValueError, match=r"sweep file 'gs://bucket/decay.py' must be a local file"):
+    sweep.plan("gs://bucket/decay.py", str(tmp_path))
 
 
 def _leaves(d, prefix=""):
