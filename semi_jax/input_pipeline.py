@@ -13,6 +13,10 @@ diagnostics only, -1 if unknown), u_index (index into the unlabeled set). `train
 reads, packs the four image groups into one array `images` laid out device block by device block
 (`pack_views`), so that the step finds each device's rows of every group in that device's shard and moves no
 input between devices. Eval batches: image, label, mask (False on padding).
+
+Host memory: the split is kept as indices, and the streams gather from the data set's own arrays, which
+TensorFlow reads in place where they are aligned as `datasets.aligned_empty` makes them (the loaders do):
+a process holds its images once, not once per stream.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 import tensorflow.experimental.numpy as tnp
+from absl import logging
 
-from semi_jax import augment, config_validation
+from semi_jax import augment, config_validation, datasets
 from semi_jax.datasets import ArrayDataset
 from semi_jax.datasets.splits import labeled_unlabeled_indices
 
@@ -33,15 +38,27 @@ VIEWS = ("x", "u_weak", "u_strong1", "u_strong2")  # the image groups of a train
 
 @dataclasses.dataclass(frozen=True)
 class SSLData:
-  """The materialised split of a data set for one run."""
+  """The split of a data set for one run, as indices into the data set's arrays (no image copies)."""
   dataset: ArrayDataset
-  labeled_idx: np.ndarray
-  unlabeled_images: np.ndarray
+  labeled_idx: np.ndarray  # into dataset.train_images
+  unlabeled_idx: np.ndarray | None  # into dataset.train_images; None: the set is dataset.extra_unlabeled_images
   unlabeled_labels: np.ndarray  # -1 where unknown
 
   @property
   def num_classes(self) -> int:
     return self.dataset.num_classes
+
+  @property
+  def num_unlabeled(self) -> int:
+    return len(self.unlabeled_labels)
+
+  @property
+  def unlabeled_images(self) -> np.ndarray:
+    """The unlabeled images in unlabeled-index order: a copy when they come from the training pool (for
+    inspection; the streams gather from the pool itself)."""
+    if self.unlabeled_idx is None:
+      return self.dataset.extra_unlabeled_images
+    return self.dataset.train_images[self.unlabeled_idx]
 
   @property
   def labeled_counts(self) -> np.ndarray:
@@ -59,24 +76,53 @@ class SSLData:
 
 
 def make_ssl_data(dataset: ArrayDataset, data_config, seed: int) -> SSLData:
+  """The run's split of `dataset`. Its image tables are made aligned (`datasets.aligned_empty`) first where a
+  source did not allocate them so: a one-off copy, after which the caller's original can go."""
+  tables = {f: getattr(dataset, f) for f in ("train_images", "extra_unlabeled_images")}
+  realigned = {f: _aligned(a, f"{dataset.name}.{f}") for f, a in tables.items() if a is not None}
+  if any(realigned[f] is not tables[f] for f in realigned):
+    dataset = dataclasses.replace(dataset, **realigned)
   labeled_idx, unlabeled_idx = labeled_unlabeled_indices(dataset, data_config, seed)
   if dataset.extra_unlabeled_images is not None:
-    u_images = dataset.extra_unlabeled_images
-    u_labels = np.full((len(u_images),), -1, np.int64)
+    unlabeled_idx = None
+    u_labels = np.full((len(dataset.extra_unlabeled_images),), -1, np.int64)
   else:
-    u_images = dataset.train_images[unlabeled_idx]
     u_labels = dataset.train_labels[unlabeled_idx]
-  if len(labeled_idx) == 0 or len(u_images) == 0:
-    raise ValueError(f"{dataset.name}: the split has {len(labeled_idx)} labeled and {len(u_images)} unlabeled "
+  if len(labeled_idx) == 0 or len(u_labels) == 0:
+    raise ValueError(f"{dataset.name}: the split has {len(labeled_idx)} labeled and {len(u_labels)} unlabeled "
                      "images; both must be non-empty (check data.labeled_max / data.unlabeled_max).")
-  return SSLData(dataset, labeled_idx, u_images, u_labels)
+  return SSLData(dataset, labeled_idx, unlabeled_idx, u_labels)
+
+
+_COPY_WARNING_BYTES = 1 << 28  # a copy of a table this large is worth a warning
+
+
+def _aligned(array: np.ndarray, what: str = "a table") -> np.ndarray:
+  """`array` itself where `datasets.is_aligned`, else an aligned copy."""
+  if datasets.is_aligned(array):
+    return array
+  if array.nbytes >= _COPY_WARNING_BYTES:
+    logging.warning("input pipeline: copying %s (%.1f GB), which is not aligned for TensorFlow; a loader that "
+                    "allocates it with semi_jax.datasets.aligned_empty saves the copy.", what, array.nbytes / 1e9)
+  copy = datasets.aligned_empty(array.shape, array.dtype)
+  copy[...] = array
+  return copy
 
 
 def _host_table(array: np.ndarray) -> tf.Variable:
-  """An in-memory table the pipeline gathers from. A variable, not a constant: graph constants are capped at
-  2 GB (ImageNet-127's unlabeled set at 32x32 is ~3.5 GB)."""
+  """An in-memory table the pipeline gathers from with `_gather`. A variable, not a constant: graph constants
+  are capped at 2 GB, and tf.data's graph rewrites copy captured tensors, not variables. It aliases `array`
+  (through DLPack) where `datasets.is_aligned(array)`, else an aligned copy of it."""
+  array = _aligned(array)
   with tf.device("/CPU:0"):
-    return tf.Variable(array, trainable=False)
+    return tf.Variable(tf.experimental.dlpack.from_dlpack(array.__dlpack__()), trainable=False)
+
+
+def _gather(table: tf.Variable, indices):
+  """table[indices] through a dense read (a reference to the variable's buffer). Never tf.gather on the variable
+  itself: a sparse read switches the variable to copy-on-read and copies a buffer it shares (an aliased
+  array) on first use, and every later dense read would copy the whole table."""
+  return tf.gather(table.value(), indices)
 
 
 def _stream_key(seed: int, stream: int) -> int:
@@ -130,22 +176,28 @@ def train_views(data: SSLData, config, *, start_step: int = 0, process_index: in
   aug = dict(pad_fraction=d.pad_fraction)
   strong = dict(num_ops=d.randaugment_ops, magnitude=d.randaugment_magnitude,
                 cutout_fraction=d.cutout_fraction, pad_fraction=d.pad_fraction)
-  x_images = _host_table(data.dataset.train_images[data.labeled_idx])
+  # One table per image array, shared by the streams, which gather by index (a process holds its images once).
+  pool = _host_table(data.dataset.train_images)
+  x_index = _host_table(data.labeled_idx)
   x_labels = _host_table(data.dataset.train_labels[data.labeled_idx].astype(np.int32))
-  u_images = _host_table(data.unlabeled_images)
+  if data.unlabeled_idx is None:
+    u_images, u_index = _host_table(data.dataset.extra_unlabeled_images), None
+  else:
+    u_images, u_index = pool, _host_table(data.unlabeled_idx)
   u_labels = _host_table(data.unlabeled_labels.astype(np.int32))
-  n_x, n_u = len(data.labeled_idx), len(data.unlabeled_images)
+  n_x, n_u = len(data.labeled_idx), data.num_unlabeled
   kx, ku = _stream_key(config.seed, LABELED_STREAM), _stream_key(config.seed, UNLABELED_STREAM)
 
   def labeled(pos):
     i = _lookup(pos, n_x, kx)
-    return {"x": augment.labeled_view(tf.gather(x_images, i), _aug_seed(kx, pos), **aug),
-            "y": tf.gather(x_labels, i)}
+    return {"x": augment.labeled_view(_gather(pool, _gather(x_index, i)), _aug_seed(kx, pos), **aug),
+            "y": _gather(x_labels, i)}
 
   def unlabeled(pos):
     i = _lookup(pos, n_u, ku)
-    weak, s1, s2 = augment.unlabeled_views(tf.gather(u_images, i), _aug_seed(ku, pos), **strong)
-    return {"u_weak": weak, "u_strong1": s1, "u_strong2": s2, "u_label": tf.gather(u_labels, i),
+    image = _gather(u_images, i if u_index is None else _gather(u_index, i))
+    weak, s1, s2 = augment.unlabeled_views(image, _aug_seed(ku, pos), **strong)
+    return {"u_weak": weak, "u_strong1": s1, "u_strong2": s2, "u_label": _gather(u_labels, i),
             "u_index": tf.cast(i, tf.int32)}
 
   opts = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -161,16 +213,15 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, *, p
   """This process's slices of the padded global eval batches; `mask` is False on padding."""
   if global_batch % process_count:
     raise ValueError(f"train.eval_batch_size={global_batch} does not divide over {process_count} processes.")
-  n = len(images)
-  total = -(-n // global_batch) * global_batch
-  pad = total - n
-  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-  labels = np.concatenate([labels.astype(np.int32), np.zeros((pad,), np.int32)])
-  mask = np.arange(total) < n
-  local = global_batch // process_count
-  for start in range(0, total, global_batch):
-    sl = slice(start + process_index * local, start + (process_index + 1) * local)
-    yield {"image": images[sl], "label": labels[sl], "mask": mask[sl]}
+  n, local = len(images), global_batch // process_count
+  for start in range(0, n, global_batch):
+    lo, hi = start + process_index * local, start + (process_index + 1) * local
+    image, label = images[lo:hi], labels[lo:hi].astype(np.int32)
+    pad = local - len(image)
+    if pad:  # only the last global batch is padded: no copy of the whole test set
+      image = np.concatenate([image, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      label = np.concatenate([label, np.zeros((pad,), np.int32)])
+    yield {"image": image, "label": label, "mask": np.arange(lo, hi) < n}
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:

@@ -50,9 +50,11 @@ def test_tfds_loader_on_mock_data(name, size, num_classes, mean, std, has_extra)
     assert labels.shape == (40,) and labels.dtype == np.int64
     assert 0 <= labels.min() and labels.max() < num_classes
   assert images.std() > 0  # real (random) pixels came through, not a zero fill
+  assert datasets.is_aligned(ds.train_images)  # the input pipeline reads it in place
   if has_extra:
     assert ds.extra_unlabeled_images.shape == (40, size, size, 3)
     assert ds.extra_unlabeled_images.dtype == np.uint8
+    assert datasets.is_aligned(ds.extra_unlabeled_images)
   else:
     assert ds.extra_unlabeled_images is None
 

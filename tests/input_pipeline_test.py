@@ -132,3 +132,27 @@ def test_labeled_and_unlabeled_sets_are_disjoint_and_long_tailed(setup):
   lab = {bytes(x) for x in data.dataset.train_images[data.labeled_idx]}
   unl = {bytes(x) for x in data.unlabeled_images}
   assert len(lab & unl) <= 2  # digits has a few identical images; indices are disjoint (splits test)
+
+
+def test_tables_read_aligned_arrays_in_place_and_copy_the_others():
+  aligned = datasets.aligned_empty((4, 2, 2, 3))
+  aligned[:] = 1
+  table = input_pipeline._host_table(aligned)
+  aligned[2] = 7
+  assert input_pipeline._gather(table, tf.constant([2])).numpy().min() == 7  # the same memory
+  unaligned = np.ones((5, 2, 2, 3), np.uint8)[1:]  # 12 bytes past an allocation: never aligned
+  assert not datasets.is_aligned(unaligned)
+  table = input_pipeline._host_table(unaligned)
+  unaligned[2] = 7
+  assert input_pipeline._gather(table, tf.constant([2])).numpy().max() == 1  # a copy
+
+
+def test_split_holds_indices_and_one_aligned_pool(setup):
+  config, data = setup
+  assert datasets.is_aligned(data.dataset.train_images)  # digits' pool is copied aligned once, here
+  np.testing.assert_array_equal(data.dataset.train_images, datasets.load(config.data).train_images)
+  np.testing.assert_array_equal(data.unlabeled_labels, data.dataset.train_labels[data.unlabeled_idx])
+  assert data.num_unlabeled == len(data.unlabeled_idx) == len(data.unlabeled_images)
+  again = input_pipeline.make_ssl_data(data.dataset, config.data, config.seed)
+  assert again.dataset is data.dataset  # an aligned source is used as it is
+  np.testing.assert_array_equal(again.unlabeled_idx, data.unlabeled_idx)
