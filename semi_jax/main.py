@@ -22,19 +22,28 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"semi_jax: bad configuration: {e}")
   import jax
-  from semi_jax import config_validation, distributed, train
+  from semi_jax import checkpointing, config_validation, distributed, train
   distributed.maybe_initialize()
   logging.info("JAX process %d/%d, %d local / %d global devices (%s); malloc: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
                malloc)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FloatingPointError) as e:
-    # Bad input (config value, missing data set, wrong image size, workdir holding another run) and
-    # divergence end with their message, not a traceback; --verbosity=1 shows where it came from.
+    summary = train.Trainer(FLAGS.config, FLAGS.workdir).run()
+  except (ValueError, FloatingPointError, checkpointing.CheckpointIOError) as e:
+    # Bad input (config value, missing data set, wrong image size, workdir holding another run), divergence and
+    # unreadable storage end with their message, not a traceback; --verbosity=1 shows where it came from.
     logging.debug("Traceback", exc_info=True)
     kind = "bad configuration" if isinstance(e, config_validation.ConfigError) else type(e).__name__
     sys.exit(f"semi_jax: {kind}: {e}")
+  if summary.get("preempted"):
+    # The checkpoint and logs are written. A preempted host has seconds left: leave together with the other
+    # processes and skip tearing down the input pipeline (its threads would finish augmenting first).
+    if jax.distributed.is_initialized():
+      jax.distributed.shutdown()
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

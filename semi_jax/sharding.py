@@ -13,15 +13,38 @@ DATA_AXIS = "data"
 
 
 def make_mesh(mesh_config=None, devices=None) -> Mesh:
-  """A mesh over `devices` (default: all devices of all processes) with one `data` axis."""
+  """A mesh over `devices` (default: all devices of all processes) with one `data` axis of
+  `mesh_config.data_axis_size` devices (-1: all; see `mesh_devices`)."""
   devices = list(jax.devices() if devices is None else devices)
   size = -1 if mesh_config is None else int(mesh_config.data_axis_size)
-  if size == -1:
-    size = len(devices)
+  return Mesh(np.asarray(mesh_devices(devices, size)), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def mesh_devices(devices: list, size: int) -> list:
+  """The `size` devices (-1: all) of a data axis over `devices`, in their order.
+
+  A size below the device count takes a sub-mesh. With several processes every process keeps the same number
+  of its own devices (its first ones), so that each feeds only devices it owns; a size that cannot be split
+  so is refused with the valid sizes.
+  """
+  size = len(devices) if size == -1 else size
   if size < 1 or size > len(devices):
     raise ValueError(f"mesh.data_axis_size={size} but {len(devices)} devices are available; use -1 for all.")
-  return Mesh(np.asarray(devices[:size]), (DATA_AXIS,),
-              axis_types=(jax.sharding.AxisType.Auto,))
+  by_process = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
+  if size == len(devices) or len(by_process) == 1:
+    return devices[:size]
+  per_process, rest = divmod(size, len(by_process))
+  fewest = min(len(ds) for ds in by_process.values())
+  if rest or per_process > fewest:
+    valid = [len(by_process) * k for k in range(1, fewest + 1)]
+    raise ValueError(
+        f"mesh.data_axis_size={size} cannot be split evenly over the {len(by_process)} processes ({fewest} "
+        f"devices each): every process must own the same number of the mesh's devices. Use -1 (all devices) or "
+        f"one of {valid}.")
+  keep = {id(d) for ds in by_process.values() for d in ds[:per_process]}
+  return [d for d in devices if id(d) in keep]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -246,8 +246,13 @@ def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
     log(f"{head}: training to step {run.config.train.total_steps} in {run.workdir}")
     write_variant_file(run)
     summary = train.train_and_evaluate(run.config, run.workdir)
-    results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "trained",
-                    "summary": summary})
+    preempted = bool(summary.get("preempted"))
+    results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir,
+                    "status": "preempted" if preempted else "trained", "summary": summary})
+    if preempted:  # the run saved its checkpoint; starting the next one would only lose it to the kill
+      log(f"{head}: stopped by a signal at step {summary['step']}; the remaining runs were not started. Rerun "
+          "the same command to continue the sweep.")
+      break
   return results
 
 

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tensorflow.io import gfile  # local paths and gs:// alike (workdirs on GCS for TPU pods)
 from clu import metric_writers, periodic_actions
 
-from semi_jax import checkpointing, config_validation, cpu, datasets, input_pipeline, memory_bank, metrics, sharding
+from semi_jax import checkpointing, config_validation, cpu, datasets, files, input_pipeline, memory_bank, metrics
+from semi_jax import sharding
 from semi_jax import train_step as steps
 from semi_jax.cpu import compiler_options
 from semi_jax.models import create_model
@@ -35,8 +35,9 @@ SUMMARY = "summary.json"
 CONFIG_FILE = "config.json"
 # Fields that may differ between the saved config of a workdir and a resuming run without
 # --config.allow_config_change: they extend the run, change its bookkeeping or where data is read from, but
-# not what a step computes. (Extending total_steps stretches the step schedules from the resume point on.)
-RESUME_SAFE_FIELDS = ("allow_config_change", "train.total_steps", "train.log_every_steps",
+# not what a step computes. (Extending total_steps stretches the step schedules from the resume point on.) The
+# mesh may change: a checkpoint restores on any number of devices and processes (the state is replicated).
+RESUME_SAFE_FIELDS = ("allow_config_change", "mesh.data_axis_size", "train.total_steps", "train.log_every_steps",
                       "train.eval_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
                       "train.print_table", "train.skip_nonfinite_steps", "data.data_dir", "data.prefetch")
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -137,7 +138,7 @@ def local_blocks(mesh) -> int:
   mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   if not mine:
     raise ValueError(f"process {jax.process_index()} owns no device of the mesh ({mesh.devices.size} devices); "
-                     "use every device (mesh.data_axis_size=-1) in multi-process runs.")
+                     "every process must own devices of the mesh (sharding.make_mesh chooses them so).")
   return len(mine)
 
 
@@ -149,10 +150,13 @@ class Trainer:
     self.workdir = workdir
     self.is_lead = jax.process_index() == 0
     t = config.train
-    self.mesh = mesh or sharding.make_mesh(config.mesh)
+    try:
+      self.mesh = mesh or sharding.make_mesh(config.mesh)
+    except ValueError as e:
+      raise config_validation.ConfigError(str(e)) from None
     config_validation.validate(config, num_devices=self.mesh.devices.size, num_processes=jax.process_count())
     # Every check runs before the workdir is touched; a workdir holding another run is refused here.
-    gfile.makedirs(workdir)
+    files.makedirs(workdir)
     check_workdir_config(config, workdir)
 
     dataset = datasets.load(config.data)
@@ -168,7 +172,7 @@ class Trainer:
     self.rng = jax.random.key(config.seed)
     self.state = self.program.init_state(jax.random.fold_in(self.rng, 0))
     self.step_rng = jax.random.fold_in(self.rng, 1)
-    self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
+    self.checkpointer = checkpointing.Checkpointer(files.join(workdir, "checkpoints"), t.keep_checkpoints)
 
   def _check_guard(self, guard) -> dict:
     """Raises FloatingPointError naming the first non-finite step and its loss terms (unless skipping)."""
@@ -233,8 +237,7 @@ class Trainer:
                 "bank_fill": fill.tolist(), "bank_confidence": conf.tolist()}
       for name in ("standard", "balanced"):
         record[name] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result[name].items()}
-      with gfile.GFile(os.path.join(self.workdir, EVAL_LOG), "a") as f:
-        f.write(json.dumps(record, allow_nan=True) + "\n")
+      files.append_line(files.join(self.workdir, EVAL_LOG), json.dumps(record, allow_nan=True))
 
   def run(self, batches=None) -> dict:
     """Trains from the newest good checkpoint to train.total_steps. SIGTERM / SIGINT finish the current
@@ -245,7 +248,7 @@ class Trainer:
     config, t = self.config, self.config.train
     start = self.restore()
     if self.is_lead:
-      _truncate_eval_log(os.path.join(self.workdir, EVAL_LOG), start)
+      _truncate_eval_log(files.join(self.workdir, EVAL_LOG), start)
     writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_lead,
                                                   asynchronous=True)
     if start == 0:
@@ -259,14 +262,18 @@ class Trainer:
                                                    every_steps=t.log_every_steps))
     batches = _prefetch_to_mesh(self.train_batches(start) if batches is None else batches, self.mesh,
                                 config.data.prefetch)
-    train_step, result, preempted = self.program.train_step, None, None
+    # Held by the trainer, not only by this frame: destroying a tf.data iterator waits for its worker threads'
+    # augmentation in flight (seconds on a busy host), which a preempted process skips (see main).
+    self.input = batches
+    train_step, result, preempted = self.program.train_step, None, False
     carry = self.program.init_carry()
     t0 = time.time()
-    with _PreemptionFlag() as stop:
+    with _Preemption(self.checkpointer) as preemption:
       for step in range(start, t.total_steps):
         # The only dispatch of a step: metrics and the divergence guard stay on the device until a log step.
         self.state, carry = train_step(self.state, carry, next(batches), self.step_rng)
         done = step + 1
+        stop = preemption.reached(done)
         for hook in hooks:
           hook(done)
         if done % t.log_every_steps == 0 or done == t.total_steps:
@@ -279,18 +286,19 @@ class Trainer:
         if done % t.eval_every_steps == 0 or done == t.total_steps:
           result = self.evaluate()
           self._write_eval(writer, done, result)
-        if stop.signum is not None or done % t.checkpoint_every_steps == 0 or done == t.total_steps:
+        if stop or done % t.checkpoint_every_steps == 0 or done == t.total_steps:
           self._check_guard(carry["guard"])  # never save a state reached through a non-finite step
-          self.checkpointer.save(done, self.state, force=stop.signum is not None)
-        if stop.signum is not None:
-          preempted = stop.signum
-          logging.warning("Received signal %d: stopped after step %d and saved a checkpoint; rerun the same "
-                          "command to resume.", preempted, done)
+          self.checkpointer.save(done, self.state, force=stop)
+        if stop:
+          preempted = True
+          cause = f"signal {preemption.signum}" if preemption.signum else "a preemption notice"
+          logging.warning("Received %s: stopped after step %d and saved a checkpoint (every process stops at "
+                          "this step); rerun the same command to resume.", cause, done)
           break
     trained = int(jax.device_get(self.state.step)) - start
     self.skipped_steps = int(jax.device_get(carry["guard"]["skipped"]))
     self.checkpointer.close()
-    if preempted is not None:
+    if preempted:
       writer.flush()
       return {"step": start + trained, "trained_steps": trained, "preempted": True,
               "train_seconds": time.time() - t0}
@@ -300,8 +308,7 @@ class Trainer:
     elapsed = time.time() - t0
     summary = self._summary(result, trained, elapsed)
     if self.is_lead:
-      with gfile.GFile(os.path.join(self.workdir, SUMMARY), "w") as f:
-        json.dump(summary, f, indent=1)
+      files.write_json_atomic(files.join(self.workdir, SUMMARY), summary)
       if t.print_table:
         print(self.final_report(result, summary))
     return summary
@@ -337,23 +344,48 @@ def _flatten(d, prefix=""):
   return out
 
 
-class _PreemptionFlag:
-  """Within the block SIGTERM and SIGINT only set `signum` (checked after each step); the previous handlers
-  come back on exit. Outside the main thread signals cannot be caught and the flag stays unset."""
+class _Preemption:
+  """Whether to stop after a step: the same step on every process.
 
-  def __init__(self):
+  One process: SIGTERM and SIGINT set a flag, checked after each step; a second SIGINT stops at once.
+  Several processes: JAX's preemption sync manager (started by jax.distributed.initialize) owns SIGTERM. A
+  notice on any process (SIGTERM, or on Cloud TPU the maintenance notice) reaches all of them through the
+  coordination service, and `Checkpointer.reached_preemption` turns True on every process at the same step,
+  so that all save one checkpoint together and exit. SIGINT is forwarded to this process as SIGTERM to take
+  the same path. Python handlers installed here are undone on exit; outside the main thread nothing is
+  installed (signals can only be caught there).
+  """
+
+  def __init__(self, checkpointer):
+    self._checkpointer = checkpointer
+    self._synchronised = jax.process_count() > 1
     self.signum = None
     self._previous = {}
 
-  def _handler(self, signum, frame):
+  def _flag(self, signum, frame):
     del frame
     if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop at once
       raise KeyboardInterrupt
     self.signum = signum
 
+  def _forward_sigint(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    os.kill(os.getpid(), signal.SIGTERM)  # to the sync manager's handler: spread to every process
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handler) for s in PREEMPTION_SIGNALS}
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    if not self._synchronised:
+      self._previous = {s: signal.signal(s, self._flag) for s in PREEMPTION_SIGNALS}
+    elif jax.config.jax_enable_preemption_service and not callable(signal.getsignal(signal.SIGTERM)):
+      # SIGTERM is left to the sync manager's own (C++) handler, which a Python handler would replace.
+      self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._forward_sigint)}
+    else:
+      logging.warning("JAX's preemption service is off (jax_enable_preemption_service) or a Python SIGTERM "
+                      "handler replaced its own: a signal to one process stops only that one, without a checkpoint.")
     return self
 
   def __exit__(self, *exc):
@@ -361,19 +393,22 @@ class _PreemptionFlag:
       signal.signal(s, handler)
     return False
 
+  def reached(self, step: int) -> bool:
+    """Call after every step with the number of steps done (the same on every process)."""
+    if self._synchronised:
+      return self._checkpointer.reached_preemption(step)
+    return self.signum is not None
+
 
 def _truncate_eval_log(path: str, step: int) -> None:
   """Drops eval records after `step` (written by a run that was killed before its next checkpoint), so a
   resumed run's log equals an uninterrupted one."""
-  if not gfile.exists(path):
+  if not files.exists(path):
     return
-  with gfile.GFile(path) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line + "\n" for line in files.read_text(path).splitlines() if line.strip()]
   keep = [line for line in lines if json.loads(line)["step"] <= step]
   if len(keep) != len(lines):
-    with gfile.GFile(path + ".tmp", "w") as f:
-      f.write("".join(keep))
-    gfile.rename(path + ".tmp", path, overwrite=True)
+    files.write_text_atomic(path, "".join(keep))
 
 
 def config_diff(saved: dict, current: dict, ignore=RESUME_SAFE_FIELDS) -> list[str]:
@@ -386,11 +421,10 @@ def config_diff(saved: dict, current: dict, ignore=RESUME_SAFE_FIELDS) -> list[s
 def check_workdir_config(config, workdir: str) -> None:
   """Writes workdir/config.json at the first start; later starts must match it up to RESUME_SAFE_FIELDS
   unless config.allow_config_change (then the new config replaces the saved one)."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = files.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
-  if gfile.exists(path):
-    with gfile.GFile(path) as f:
-      saved = json.load(f)
+  saved = files.read_json(path)
+  if saved is not None:
     diff = config_diff(saved, current)
     if diff and not config.allow_config_change:
       raise config_validation.ConfigError(
@@ -399,9 +433,7 @@ def check_workdir_config(config, workdir: str) -> None:
     if diff:
       logging.warning("Resuming %s with a changed config:\n%s", workdir, "\n".join(diff))
   if jax.process_index() == 0:
-    with gfile.GFile(path + ".tmp", "w") as f:
-      json.dump(current, f, indent=1, sort_keys=True)
-    gfile.rename(path + ".tmp", path, overwrite=True)
+    files.write_json_atomic(path, current, sort_keys=True)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -127,8 +127,8 @@ def _file_calls(path: str) -> list[str]:
   return [f"{name} (line {line})" for line, name in sorted(found)]
 
 
-@pytest.mark.parametrize("module", ["sweep.py", "report.py"])
-def test_sweep_and_report_touch_files_only_through_semi_jax_files(module):
+@pytest.mark.parametrize("module", ["sweep.py", "report.py", "train.py"])
+def test_runs_sweeps_and_reports_touch_files_only_through_semi_jax_files(module):
   assert _file_calls(os.path.join(ROOT, "semi_jax", module)) == []
 
 
@@ -136,3 +136,24 @@ def test_the_source_scan_finds_file_calls(tmp_path):
   path = tmp_path / "m.py"
   path.write_text("import os\nos.makedirs('d')\nwith open('f') as f: pass\nok = os.path.exists\nos.path.join('a')\n")
   assert _file_calls(str(path)) == ["os.makedirs (line 2)", "open (line 3)", "os.path.exists (line 4)"]
+
+
+def test_run_bookkeeping_on_a_remote_file_system(root):
+  """What a run writes besides checkpoints (orbax's): config.json, eval.jsonl (appended, then truncated on
+  resume), summary.json, on the workdir's file system."""
+  from configs import test as test_config
+  from semi_jax import train
+  config = test_config.get_config()
+  workdir = files.join(root, "run")
+  files.makedirs(workdir)
+  train.check_workdir_config(config, workdir)
+  assert files.read_json(files.join(workdir, train.CONFIG_FILE))["optim"]["lr"] == config.optim.lr
+  config.optim.lr = 0.5
+  with pytest.raises(ValueError, match="optim.lr: 0.03 -> 0.5"):
+    train.check_workdir_config(config, workdir)
+  log = files.join(workdir, train.EVAL_LOG)
+  for step in (2, 4, 6):
+    files.append_line(log, json.dumps({"step": step}))
+  train._truncate_eval_log(log, 4)
+  assert [json.loads(line)["step"] for line in files.read_text(log).splitlines()] == [2, 4]
+  assert sorted(files.listdir(workdir)) == [train.CONFIG_FILE, train.EVAL_LOG]  # no temporary file left

@@ -9,21 +9,17 @@
 """
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+import processes
 from step_helpers import run_steps, view_batches
 
 from configs import test as test_config
 from semi_jax import distributed, sharding, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 4
 CHILD_TIMEOUT_S = 240
 
@@ -62,59 +58,13 @@ def test_semi_steps_equal_on_n_devices(trainer, one_device_run, n):
 # --- two processes -------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _child_env(port: int, process_id: int) -> dict:
-  env = dict(os.environ)
-  xla_flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  env.update({
-      "XLA_FLAGS": " ".join(xla_flags + [f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"]),
-      "JAX_PLATFORMS": "cpu",
-      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-      "JAX_NUM_PROCESSES": str(PROCESSES),
-      "JAX_PROCESS_ID": str(process_id),
-      # The numerics of tests/conftest.py, which the single-process reference of this test runs under.
-      "JAX_THREEFRY_PARTITIONABLE": "1",
-      "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-      "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-      "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""),
-  })
-  env.pop(distributed.SWITCH_VAR, None)
-  return env
-
-
 def _run_pair(workdir: str, logdir) -> None:
   """`python -m semi_jax.main` as two processes of one job; kills both if either fails or hangs."""
-  port = _free_port()
-  procs, logs = [], []
-  try:
-    for pid in range(PROCESSES):
-      log = open(logdir / f"process_{pid}.log", "w")
-      logs.append(log)
-      procs.append(subprocess.Popen(
-          [sys.executable, "-m", "semi_jax.main", "--config=configs/test.py", f"--workdir={workdir}"],
-          cwd=REPO, env=_child_env(port, pid), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    for p in procs:
-      p.wait(timeout=CHILD_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    pass
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    for log in logs:
-      log.close()
-  codes = [p.returncode for p in procs]
+  job = processes.Job(workdir, logdir, processes=PROCESSES, local_devices=LOCAL_DEVICES)
+  codes = job.wait(CHILD_TIMEOUT_S)
   if codes != [0] * PROCESSES:
-    tails = "\n".join(f"--- process {i} (exit {c}) ---\n" + (logdir / f"process_{i}.log").read_text()[-3000:]
-                      for i, c in enumerate(codes))
-    pytest.fail(f"the two-process run failed (exit codes {codes}, a negative one: killed after "
-                f"{CHILD_TIMEOUT_S}s):\n{tails}")
+    pytest.fail(f"the two-process run failed (exit codes {codes}, None: killed after {CHILD_TIMEOUT_S}s):\n"
+                + job.describe())
 
 
 def _train_scalars(workdir: str) -> dict:

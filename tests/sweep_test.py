@@ -260,6 +260,21 @@ def test_bookkeeping_of_a_sweep_on_ram(tmp_path, monkeypatch, ram_root):
     sweep.check_workdirs(other)
 
 
+def test_a_preempted_run_stops_the_sweep(tmp_path, monkeypatch):
+  runs = sweep.plan(_write_sweep_file(tmp_path, [("a", {}), ("b", {"bank.size": 5})]), str(tmp_path / "sweep"))
+  trained = []
+
+  def preempted_train(config, workdir):
+    trained.append(workdir)
+    return {"step": 1, "trained_steps": 1, "preempted": True}
+
+  monkeypatch.setattr(train, "train_and_evaluate", preempted_train)
+  messages = []
+  results = sweep.run_sweep(runs, log=messages.append)
+  assert trained == [runs[0].workdir] and [r["status"] for r in results] == ["preempted"]
+  assert "Rerun the same command to continue the sweep" in messages[-1]
+
+
 def test_print_commands_write_the_variant_files_on_ram(tmp_path, capsys, ram_root):
   path = _write_sweep_file(tmp_path, [("a", {}), ("b", {"bank.size": 5})], seeds="(0, 1)")
   flag_values = types.SimpleNamespace(config=path, workdir=ram_root, seeds=None, only=None, print_commands=True)
