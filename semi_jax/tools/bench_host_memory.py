@@ -135,7 +135,8 @@ def measure(args, process_index: int, process_count: int) -> dict:
     return time.time(), time.process_time()
 
   def phase_end(name, since):
-    phases[name] = {"peak": _status_bytes("VmHWM"), "rss": _status_bytes("VmRSS"),
+    rss = _status_bytes("VmRSS")  # first: tf.data threads may still allocate between the two reads
+    phases[name] = {"peak": max(_status_bytes("VmHWM"), rss), "rss": rss,
                     "seconds": time.time() - since[0], "cpu_seconds": time.process_time() - since[1]}
     if resettable:
       _reset_peak()
