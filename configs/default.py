@@ -7,7 +7,7 @@ schedule of the method is a first-class, ablatable config object.
 """
 import ml_collections
 
-from semi_jax.objective import COMPONENTS, preset_switches
+from semi_jax.objective import COMPONENTS, CUSTOM, preset_mismatch, preset_switches
 from semi_jax.schedules import schedule_config
 
 
@@ -69,7 +69,9 @@ def get_config(arg=None):
 
   # --- semi-supervised objective (FixMatch / ACR base) -----------------------------------------------------------
   config.ssl = ssl = ml_collections.ConfigDict()
-  ssl.algo = "semi"  # preset name, informational once the switches below are set: fixmatch|fixmatch_la|acr|semi
+  # The algorithm: fixmatch|fixmatch_la|acr|semi (the switches below must equal its preset, which `algo=` of the
+  # config argument sets) | custom (any switches; component ablations).
+  ssl.algo = "semi"
   ssl.dual_head = True  # ACR balanced head fc1 with Lx_b and Lu_b
   ssl.labeled_logit_adjust = False  # FixMatch+LA: logit-adjusted CE (tau2) on the single head's labeled loss
   ssl.threshold = schedule_config("constant", value=0.95)  # pseudo-label confidence threshold
@@ -94,6 +96,10 @@ def get_config(arg=None):
   bank.size = 128  # K entries per class
   bank.decay_every = schedule_config("constant", value=50.0)  # steps between confidence decays
   bank.beta = schedule_config("constant", value=0.99)  # confidence decay of entries not written since the last
+  # When decays happen. epoch: after step i of an epoch with (i + 1) % decay_every == 0, the counter restarting
+  # every epoch (the reference's loop; an epoch's last partial interval never decays) | global: every
+  # decay_every steps counted over the whole run. Equal when decay_every divides train.steps_per_epoch.
+  bank.decay_clock = "epoch"
 
   config.plce = plce = ml_collections.ConfigDict()
   plce.enabled = True  # mix prototype soft labels from the bank into the pseudo-labels
@@ -101,6 +107,9 @@ def get_config(arg=None):
   plce.tau_tar = 0.1  # temperature of softmax(-distance to prototypes)
   plce.ramp = schedule_config("linear", value=0.0, end_value=1.0)  # ramp of the mixing weight, over training
   plce.class_weight = "frequency"  # per-class factor: frequency | decayed_frequency | decayed_inverse | uniform
+  # The counts of confident pseudo-labels the factor comes from: run (accumulated over the whole run, as the
+  # reference code) | epoch (the last epoch's, as the spec's description).
+  plce.class_weight_counts = "run"
   plce.renormalize = True  # rescale mixed pseudo-labels to sum to 1 (the reference does not)
 
   config.cons = cons = ml_collections.ConfigDict()
@@ -153,6 +162,8 @@ def apply_args(config, arg):
       if value.lower() not in _SWITCH:
         raise ValueError(f"config argument {key}={value!r}: use on or off.")
       config[key].enabled = _SWITCH[value.lower()]
+      if preset_mismatch(config):  # no longer the named preset: say so rather than train it under that name
+        config.ssl.algo = CUSTOM
     elif key == "dist":
       config.data.unlabeled_dist = value
     elif key == "imb":

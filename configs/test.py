@@ -27,6 +27,7 @@ def get_config(arg=None):
   config.ssl.threshold.value = 0.12  # an untrained 10-class model is rarely more confident: masks must be on
   config.bank.size = 4
   config.bank.decay_every.value = 2.0
+  config.bank.decay_clock = "global"  # epochs of one step: the per-epoch clock would never reach 2
   config.eval.many_threshold = 10
   config.eval.few_threshold = 6
   # flax's layers, as GPUs and TPUs run them, and programs JAX's compile cache can store (oneDNN calls cannot be

@@ -83,7 +83,8 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
   _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
-  _check(s.algo in objective.ALGOS, "ssl.algo", s.algo, f"choose one of {objective.ALGOS}")
+  _check(s.algo in objective.ALGOS + (objective.CUSTOM,), "ssl.algo", s.algo,
+         f"choose one of {objective.ALGOS + (objective.CUSTOM,)} ({objective.CUSTOM}: switches of your own)")
   _check(s.temperature > 0, "ssl.temperature", s.temperature, "must be > 0")
   for name in ("tau1", "tau12", "tau2"):
     _check(s[name] >= 0, f"ssl.{name}", s[name], "logit-adjustment strength must be >= 0")
@@ -101,6 +102,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _schedule_range(config.miner.scale, "miner.scale", 0.0, 1.0, total, spe)
   _check(0.0 < config.miner.hard_fraction <= 1.0, "miner.hard_fraction", config.miner.hard_fraction,
          "must be in (0, 1]")
+  b = config.bank
   _check(config.bank.size >= 1, "bank.size", config.bank.size, "K entries per class must be >= 1")
   _schedule_range(config.bank.decay_every, "bank.decay_every", 1.0, float("inf"), total, spe)
   _schedule_range(config.bank.beta, "bank.beta", 0.0, 1.0, total, spe)
@@ -116,6 +118,18 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(c.weight >= 0, "cons.weight", c.weight, "must be >= 0")
   _check(c.proto_t > 0, "cons.proto_t", c.proto_t, "must be > 0")
   _check(0.0 <= c.center_momentum < 1.0, "cons.center_momentum", c.center_momentum, "must be in [0, 1)")
+  _check(b.decay_clock in semi_state.DECAY_CLOCKS, "bank.decay_clock", b.decay_clock,
+         f"choose one of {semi_state.DECAY_CLOCKS} (epoch: the counter restarts every epoch, as the reference)")
+  _check(p.class_weight_counts in semi_state.COUNT_WINDOWS, "plce.class_weight_counts", p.class_weight_counts,
+         f"choose one of {semi_state.COUNT_WINDOWS}")
   _check(config.eval.few_threshold >= 0, "eval.few_threshold", config.eval.few_threshold, "must be >= 0")
   _check(config.eval.few_threshold <= config.eval.many_threshold, "eval.few_threshold",
          config.eval.few_threshold, f"must be <= eval.many_threshold ({config.eval.many_threshold})")
+  mismatch = objective.preset_mismatch(config)
+  if mismatch:
+    diff = ", ".join(f"{f}={v} (preset: {want})" for f, (v, want) in mismatch.items())
+    raise ConfigError(
+        f"config field ssl.algo={s.algo!r} does not match its switches: {diff}. The run would train something "
+        f"else under that name. Use the preset (--config=FILE:algo={s.algo} sets every switch), or set "
+        f"--config.ssl.algo={objective.CUSTOM} for a combination of your own (the switches that run are recorded "
+        "in config.json and summary.json).")

@@ -26,6 +26,22 @@ ALGOS = ("fixmatch", "fixmatch_la", "acr", "semi")
 COMPONENTS = ("miner", "bank", "plce", "cons")  # SeMi's parts, each a config group with an `enabled` switch
 
 
+CUSTOM = "custom"  # ssl.algo of a combination of switches that is no preset (component ablations)
+
+
+def switches_of(config) -> dict[str, bool]:
+  """The switches a config actually runs with: {dotted config field: value}, as `preset_switches` names them."""
+  return {field: bool(config[field.split(".")[0]][field.split(".")[1]]) for field in preset_switches("semi")}
+
+
+def preset_mismatch(config) -> dict[str, tuple[bool, bool]]:
+  """{field: (value, the preset's value)} where the switches differ from the preset named by ssl.algo."""
+  if config.ssl.algo == CUSTOM:
+    return {}
+  have = switches_of(config)
+  return {f: (have[f], v) for f, v in preset_switches(config.ssl.algo).items() if have[f] != v}
+
+
 def preset_switches(algo: str) -> dict[str, bool]:
   """The switches that make the config the named algorithm: {dotted config field: value}."""
   if algo not in ALGOS:

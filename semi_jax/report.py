@@ -4,8 +4,8 @@
 
 Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes
   DIR/report.csv, DIR/report.md  one row per variant: final, best and mean-of-the-last-N-evaluations balanced
-                                 accuracy and the final many/medium/few and top-1 accuracy of the reported
-                                 head, each as mean and sample standard deviation (ddof=1) over seeds;
+                                 accuracy and the final many/medium/few and top-1 accuracy, geometric mean of
+                                 the per-class recalls (gm) and macro F1 of the reported head, each as mean and sample standard deviation (ddof=1) over seeds;
   DIR/balanced_acc.png           test balanced accuracy vs step, mean over seeds (band: +- std);
   DIR/bank.png                   memory-bank mean confidence and fill vs step (averaged over classes);
   DIR/per_class.png              final per-class accuracy per variant (error bars: std over seeds);
@@ -40,7 +40,7 @@ PLOTS = {"balanced_acc": "balanced_acc.png", "bank": "bank.png", "per_class": "p
          "schedules": "schedules.png"}
 # Per-variant statistics (CSV columns <name>_mean, <name>_std); per-seed values from seed_metrics.
 METRICS = ("final_balanced_acc", "best_balanced_acc", "last_n_balanced_acc", "acc_many", "acc_medium",
-           "acc_few", "acc")
+           "acc_few", "acc", "gm", "macro_f1")
 _SEED_DIR = re.compile(r"seed_(\d+)")
 
 
@@ -110,6 +110,8 @@ def seed_metrics(evals: Sequence[dict], last_n: int) -> dict:
   return {"final_balanced_acc": balanced[-1], "best_balanced_acc": np.nanmax(balanced),
           "last_n_balanced_acc": np.mean(balanced[-last_n:]), "acc_many": final["acc_many"],
           "acc_medium": final["acc_medium"], "acc_few": final["acc_few"], "acc": final["acc"],
+          # (absent from the records of older versions)
+          "gm": final.get("gm", float("nan")), "macro_f1": final.get("macro_f1", float("nan")),
           "step": int(evals[-1]["step"])}
 
 

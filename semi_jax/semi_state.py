@@ -14,6 +14,18 @@ from semi_jax import memory_bank, schedules
 
 # Per-class factor of the prototype-mixing weight (config field plce.class_weight).
 CLASS_WEIGHTS = ("frequency", "decayed_frequency", "decayed_inverse", "uniform")
+DECAY_CLOCKS = ("epoch", "global")  # bank.decay_clock
+COUNT_WINDOWS = ("run", "epoch")  # plce.class_weight_counts
+
+
+def decay_due(step, last_decay_step, interval, steps_per_epoch: int, clock: str):
+  """Whether the bank decays after step `step` (0-based). epoch: the reference's `(batch_idx + 1) % decay_step
+  == 0` with batch_idx restarting every epoch; global: `interval` steps after the last decay."""
+  if clock == "epoch":
+    return ((step % steps_per_epoch) + 1) % interval == 0
+  if clock == "global":
+    return (step + 1 - last_decay_step) >= interval
+  raise ValueError(f"unknown bank.decay_clock {clock!r}; choose one of {DECAY_CLOCKS}.")
 
 
 @flax.struct.dataclass
@@ -57,11 +69,11 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
   """The SeMi state after step `step` (0-based) from the objective's `aux` (`objective.Aux`).
 
   - bank (bank.enabled): both strong views' features enter as candidates with the confidence and class of their
-    weak view's pseudo-label, where it is confident; every `bank.decay_every` steps the entries not written since
-    the last decay lose confidence (x `bank.beta`). `gather` places the candidates on every device before the
+    weak view's pseudo-label, where it is confident; every `bank.decay_every` steps (on `bank.decay_clock`,
+    `decay_due`) the entries not written since the last decay lose confidence (x `bank.beta`). `gather` places the candidates on every device before the
     push (the bank is replicated), so each device updates its copy locally.
   - monitor: confident pseudo-labels counted per class; at the last step of every epoch the prototype-mixing
-    class weight is recomputed from the counts.
+    class weight is recomputed from the counts (of the whole run, or of that epoch: `plce.class_weight_counts`).
   - consistency centre (cons.enabled, after the warm-up): qbar <- m qbar + (1 - m) mean(teacher).
   Returns (new state, metrics).
   """
@@ -72,7 +84,7 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
     feats = gather(jax.lax.stop_gradient(jnp.concatenate(aux.f_strong, axis=0)))
     bank = memory_bank.push(bank, feats, twice(aux.conf), twice(aux.target), twice(aux.mask))
     interval = jnp.maximum(jnp.round(schedules.of_run(config.bank.decay_every, config)(step)).astype(jnp.int32), 1)
-    due = (step + 1 - last_decay) >= interval
+    due = decay_due(step, last_decay, interval, config.train.steps_per_epoch, config.bank.decay_clock)
     bank = jax.lax.cond(due, memory_bank.decay, lambda b, _: b, bank, schedules.of_run(config.bank.beta, config)(step))
     last_decay = jnp.where(due, step + 1, last_decay)
     fill = memory_bank.fill_fraction(bank)
@@ -92,5 +104,7 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
   if config.cons.enabled:
     m = config.cons.center_momentum
     qbar = jnp.where(aux.after_warmup, m * semi.qbar + (1.0 - m) * aux.teacher_mean, semi.qbar)
+  if config.plce.class_weight_counts == "epoch":  # the refreshed weight used this epoch's counts: start anew
+    counts = jnp.where(epoch_end, jnp.zeros_like(counts), counts)
   return semi.replace(bank=bank, last_decay_step=last_decay, label_counts=counts, class_weight=class_weight,
                       qbar=qbar), metrics

@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from semi_jax import checkpointing, config_validation, cpu, datasets, files, input_pipeline, memory_bank, metrics
-from semi_jax import sharding
+from semi_jax import objective, sharding
 from semi_jax import train_step as steps
 from semi_jax.cpu import compiler_options
 from semi_jax.models import create_model
@@ -34,10 +34,10 @@ EVAL_LOG = "eval.jsonl"
 SUMMARY = "summary.json"
 CONFIG_FILE = "config.json"
 # Fields that may differ between the saved config of a workdir and a resuming run without
-# --config.allow_config_change: they extend the run, change its bookkeeping or where data is read from, but
-# not what a step computes. (Extending total_steps stretches the step schedules from the resume point on.) The
-# mesh may change: a checkpoint restores on any number of devices and processes (the state is replicated).
-RESUME_SAFE_FIELDS = ("allow_config_change", "mesh.data_axis_size", "train.total_steps", "train.log_every_steps",
+# --config.allow_config_change: they change the run's bookkeeping or where data is read from, not the trajectory.
+# The mesh may change: a checkpoint restores on any number of devices and processes (the state is replicated).
+# Not train.total_steps: the lr cosine and the ramps are functions of it, so a longer run is another experiment.
+RESUME_SAFE_FIELDS = ("allow_config_change", "mesh.data_axis_size", "train.log_every_steps",
                       "train.eval_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
                       "train.print_table", "train.skip_nonfinite_steps", "data.data_dir", "data.prefetch")
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -219,7 +219,9 @@ class Trainer:
     head = result[result["reported"]]
     scalars = {"eval/acc": head["acc"], "eval/balanced_acc": head["balanced_acc"],
                "eval/acc_standard_head": result["standard"]["acc"],
-               "eval/acc_balanced_head": result["balanced"]["acc"], "eval/loss_balanced_head": result["loss_b"]}
+               "eval/acc_balanced_head": result["balanced"]["acc"], "eval/loss_balanced_head": result["loss_b"],
+               "eval/gm": head["gm"], "eval/macro_precision": head["macro_precision"],
+               "eval/macro_recall": head["macro_recall"], "eval/macro_f1": head["macro_f1"]}
     for g in ("many", "medium", "few"):
       scalars[f"eval/acc_{g}"] = head[f"acc_{g}"]
     for c, a in enumerate(head["per_class"]):
@@ -253,9 +255,6 @@ class Trainer:
                                                   asynchronous=True)
     if start == 0:
       writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-    logging.info("Training from step %d to %d on %d devices (%d processes); labeled per class %s",
-                 start, t.total_steps, self.mesh.devices.size, jax.process_count(),
-                 self.data.labeled_counts.tolist())
     hooks = []
     if self.is_lead:
       hooks.append(periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
@@ -269,6 +268,10 @@ class Trainer:
     carry = self.program.init_carry()
     t0 = time.time()
     with _Preemption(self.checkpointer) as preemption:
+      # Logged once signals are caught: from here on a signal stops the run at a step boundary, with a checkpoint.
+      logging.info("Training from step %d to %d on %d devices (%d processes); labeled per class %s",
+                   start, t.total_steps, self.mesh.devices.size, jax.process_count(),
+                   self.data.labeled_counts.tolist())
       for step in range(start, t.total_steps):
         # The only dispatch of a step: metrics and the divergence guard stay on the device until a log step.
         self.state, carry = train_step(self.state, carry, next(batches), self.step_rng)
@@ -315,8 +318,11 @@ class Trainer:
 
   def _summary(self, result, trained_steps: int, elapsed: float) -> dict:
     head = result[result["reported"]]
-    return {"step": int(jax.device_get(self.state.step)), "reported_head": result["reported"],
-            "acc": head["acc"], "balanced_acc": head["balanced_acc"],
+    return {"step": int(jax.device_get(self.state.step)), "algo": self.config.ssl.algo,
+            "components": objective.switches_of(self.config), "reported_head": result["reported"],
+            "acc": head["acc"], "balanced_acc": head["balanced_acc"], "gm": head["gm"],
+            "macro_precision": head["macro_precision"], "macro_recall": head["macro_recall"],
+            "macro_f1": head["macro_f1"],
             "acc_many": head["acc_many"], "acc_medium": head["acc_medium"], "acc_few": head["acc_few"],
             "acc_standard_head": result["standard"]["acc"], "acc_balanced_head": result["balanced"]["acc"],
             "per_class": [float(a) for a in head["per_class"]],

@@ -8,6 +8,7 @@ from ml_collections import config_flags
 from absl import flags
 
 from configs import default
+from configs import test as test_config
 from semi_jax import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +64,28 @@ def test_cli_invalid_value_names_the_field(tmp_path):
 def test_override_and_arguments():
   c = default.get_config("algo=acr,dist=reversed,cons=on")
   assert c.data.unlabeled_dist == "reversed"
-  assert c.ssl.algo == "acr" and c.ssl.dual_head and not c.miner.enabled and not c.bank.enabled
+  # ACR plus Lcons is no preset: the run is labelled custom, never acr.
+  assert c.ssl.algo == "custom" and c.ssl.dual_head and not c.miner.enabled and not c.bank.enabled
   assert c.cons.enabled
+  assert default.get_config("algo=acr,cons=off").ssl.algo == "acr"  # switched to what the preset has anyway
+
+
+def test_algo_must_match_its_switches():
+  """--config.ssl.algo=fixmatch on a SeMi config would train SeMi labelled FixMatch: refused, naming every
+  switch that differs; `custom` takes any switches; the preset argument sets them all."""
+  c = test_config.get_config()
+  c.ssl.algo = "fixmatch"
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate(c)
+  message = str(err.value)
+  for field in ("ssl.dual_head=True", "miner.enabled=True", "bank.enabled=True", "plce.enabled=True",
+                "cons.enabled=True"):
+    assert field + " (preset: False)" in message, message
+  assert "algo=fixmatch sets every switch" in message and "ssl.algo=custom" in message
+  c.ssl.algo = "custom"
+  config_validation.validate(c)
+  r = _main("--config=configs/test.py", "--config.ssl.algo=acr", "--workdir=/nonexistent/never-created")
+  assert r.returncode != 0 and "ssl.algo='acr' does not match" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("algo,dual,la,components", [

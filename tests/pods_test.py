@@ -80,8 +80,8 @@ def _evals(workdir):
 
 
 @pytest.fixture(scope="module")
-def template():
-  return train.Trainer(_config(), "/nonexistent-unused").state
+def template(tmp_path_factory):
+  return train.Trainer(_config(), str(tmp_path_factory.mktemp("template"))).state
 
 
 @pytest.fixture(scope="module")

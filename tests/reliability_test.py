@@ -39,11 +39,11 @@ def _child_env():
   return env
 
 
-def _start(workdir, *extra):
+def _start(workdir, *extra, stdout=subprocess.PIPE):
   # Started outside the repository, with the config given by path: the entry point works from any directory.
   cmd = [sys.executable, "-m", "semi_jax.main", f"--config={os.path.join(ROOT, 'configs', 'test.py')}",
          f"--workdir={workdir}", *RUN_FLAGS, *extra]
-  return subprocess.Popen(cmd, cwd=os.path.dirname(workdir), env=_child_env(), stdout=subprocess.PIPE,
+  return subprocess.Popen(cmd, cwd=os.path.dirname(workdir), env=_child_env(), stdout=stdout,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -88,10 +88,10 @@ def _assert_same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def template():
+def template(tmp_path_factory):
   config = test_config.get_config()
   config.train.total_steps = STEPS
-  return train.Trainer(config, "/nonexistent-unused").state
+  return train.Trainer(config, str(tmp_path_factory.mktemp("template"))).state
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +120,25 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, referen
 
 
 def test_sigterm_saves_exits_zero_and_resumes_bitwise_equal(tmp_path, reference_run, template):
+  """The signal arrives as soon as the run says it is training, i.e. during the first (compiling) step: the run
+  must stop early with a preemption checkpoint, never degenerate into an uninterrupted run."""
   workdir = str(tmp_path / "preempted")
-  proc = _start(workdir)
-  _wait_for_checkpoint(proc, workdir, 1)
-  proc.send_signal(signal.SIGTERM)
-  code, out = _finish(proc)
-  assert code == 0, out
+  log_path = tmp_path / "preempted.log"
+  with open(log_path, "w") as log:
+    proc = _start(workdir, stdout=log)
+    t0 = time.time()
+    while "Training from step 0 " not in log_path.read_text():
+      assert proc.poll() is None and time.time() - t0 < 300, log_path.read_text()[-3000:]
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+  out = log_path.read_text()
   saved = _steps(workdir)
-  assert saved, out
-  if saved[-1] < STEPS:  # the signal arrived mid-run: a preemption checkpoint and no summary yet
-    assert "Received signal 15" in out, out
-    assert not os.path.exists(os.path.join(workdir, train.SUMMARY))
+  assert "Received signal 15" in out and saved and saved[-1] < STEPS, (saved, out[-3000:])
+  assert not os.path.exists(os.path.join(workdir, train.SUMMARY))
   code, out = _finish(_start(workdir))
   assert code == 0, out
+  assert re.findall(r"Training from step (\d+) ", out) == [str(saved[-1])]
   _assert_same_run(_final(workdir, template), reference_run)
 
 
@@ -223,7 +229,6 @@ def test_changed_config_is_refused_with_a_diff_unless_allowed(tmp_path):
   saved = json.load(open(os.path.join(workdir, train.CONFIG_FILE)))
   assert saved["optim"]["lr"] == config.optim.lr
   # Resume-safe fields change freely.
-  config.train.total_steps = 5
   config.train.log_every_steps = 7
   config.data.data_dir = "/elsewhere"
   train.check_workdir_config(config, workdir)
@@ -235,6 +240,12 @@ def test_changed_config_is_refused_with_a_diff_unless_allowed(tmp_path):
   message = str(err.value)
   assert "optim.lr: 0.03 -> 0.05" in message and "ssl.threshold.value: 0.12 -> 0.5" in message, message
   assert "allow_config_change" in message and "total_steps" not in message
+  # total_steps shapes the lr cosine and the ramps: a longer run is another experiment, allowed only explicitly.
+  config.optim.lr, config.ssl.threshold.value = 0.03, 0.12
+  config.train.total_steps = 5
+  with pytest.raises(config_validation.ConfigError, match=r"train.total_steps: 3 -> 5"):
+    train.check_workdir_config(config, workdir)
+  config.train.total_steps, config.optim.lr, config.ssl.threshold.value = 3, 0.05, 0.5
   config.allow_config_change = True
   train.check_workdir_config(config, workdir)
   assert json.load(open(os.path.join(workdir, train.CONFIG_FILE)))["optim"]["lr"] == 0.05

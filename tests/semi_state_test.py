@@ -53,9 +53,9 @@ def simulate(steps, steps_per_epoch, interval, est_epoch, momentum, masks, targe
   out = []
   for step in range(steps):
     epoch = step // steps_per_epoch
-    if restart_every_epoch and step % steps_per_epoch == 0:
-      last_decay = step
-    decayed = step + 1 - last_decay >= interval
+    # The reference counts batch_idx within the epoch: its counter restarts at every epoch's first step.
+    counter_start = max(last_decay, epoch * steps_per_epoch) if restart_every_epoch else last_decay
+    decayed = step + 1 - counter_start >= interval
     if decayed:
       decays, last_decay = decays + 1, step + 1
     np.add.at(counts, targets[step][masks[step]], 1.0)
@@ -66,18 +66,20 @@ def simulate(steps, steps_per_epoch, interval, est_epoch, momentum, masks, targe
   return out
 
 
-def test_update_timing_matches_the_loop_over_many_steps():
+@pytest.mark.parametrize("clock", semi_state.DECAY_CLOCKS)
+def test_update_timing_matches_the_loop_over_many_steps(clock):
   """1000 steps of `semi_state.update` (7 steps an epoch, a decay every 3 steps, warm-up to the end of epoch 5).
 
-  - Bank decay at exactly the steps where (step + 1 - last decay) >= bank.decay_every, counted over the whole run.
-    The reference restarts that count every epoch (it counts batch_idx); semi_jax keeps one global counter. The
-    candidates are too weak to enter the full bank, so its confidences change only by decay: c0 * beta^decays.
+  - Bank decay at exactly the steps where (step + 1 - last decay) >= bank.decay_every, the counter restarting
+    every epoch (bank.decay_clock=epoch, the reference's batch_idx) or not (global). The candidates are too weak
+    to enter the full bank, so its confidences change only by decay: c0 * beta^decays.
   - The class weight changes only at the last step of an epoch, to monitor_class_weight(counts up to and
     including that step, epoch = step // steps_per_epoch).
   - qbar stays zero through the warm-up (step // steps_per_epoch <= ssl.est_epoch), then follows
     qbar <- m qbar + (1 - m) mean(teacher).
   """
   cfg = make_config()
+  cfg.bank.decay_clock = clock
   rng = np.random.default_rng(0)
   masks = rng.random((STEPS, U)) < 0.6
   targets = rng.integers(0, C, (STEPS, U)).astype(np.int32)
@@ -90,7 +92,8 @@ def test_update_timing_matches_the_loop_over_many_steps():
   # 0.5 * 0.9^334 is ~3e-16: candidates of confidence 1e-30 never beat a stored entry.
   weak = jnp.full((U,), 1e-30, jnp.float32)
   update = jax.jit(lambda s, a, step: semi_state.update(s, a, step, cfg)[0])
-  expected = simulate(STEPS, SPE, DECAY_EVERY, EST_EPOCH, cfg.cons.center_momentum, masks, targets, teacher_means)
+  expected = simulate(STEPS, SPE, DECAY_EVERY, EST_EPOCH, cfg.cons.center_momentum, masks, targets, teacher_means,
+                      restart_every_epoch=clock == "epoch")
   df = cfg.ssl.monitor_df.value
 
   class_weight, conf, refreshes_that_moved = np.ones(C, np.float32), conf0, 0
@@ -127,15 +130,59 @@ def test_update_timing_matches_the_loop_over_many_steps():
 
   # The run saw what it pins: decays in every phase of the epoch, refreshes that moved the weights, a moving qbar.
   decay_steps = [s for s, e in enumerate(expected) if e[0]]
-  assert decay_steps[:4] == [2, 5, 8, 11] and len(decay_steps) == STEPS // DECAY_EVERY
-  assert {s % SPE for s in decay_steps} == set(range(SPE))
+  if clock == "global":
+    assert decay_steps[:4] == [2, 5, 8, 11] and len(decay_steps) == STEPS // DECAY_EVERY
+    assert {s % SPE for s in decay_steps} == set(range(SPE))
+  else:  # 7-step epochs: decays after steps 2 and 5 of each, never in the last partial interval
+    assert decay_steps[:4] == [2, 5, 9, 12] and {s % SPE for s in decay_steps} == {2, 5}
   assert refreshes_that_moved > 0.9 * (STEPS // SPE)
   assert np.abs(expected[-1][-1]).max() > 0
-  # The documented difference from the reference: a counter restarted every epoch decays at other steps.
-  per_epoch = simulate(STEPS, SPE, DECAY_EVERY, EST_EPOCH, 0.9, masks, targets, teacher_means,
-                       restart_every_epoch=True)
-  per_epoch_steps = [s for s, e in enumerate(per_epoch) if e[0]]
-  assert per_epoch_steps[:4] == [2, 5, 9, 12] and per_epoch_steps != decay_steps
+
+
+@pytest.mark.parametrize("decay_every", [50, 200])
+def test_epoch_clock_decays_where_the_reference_loop_does(decay_every):
+  """Three 500-step epochs (cifar100_lt / imagenet127 use 200, cifar10_lt 100, the default 50): the steps after
+  which the bank decays are those of the reference's `for batch_idx in range(eval_step): ... if (batch_idx + 1)
+  % decay_step == 0`, and the global clock differs exactly when decay_every does not divide the epoch."""
+  spe = 500
+  reference = [epoch * spe + i for epoch in range(3) for i in range(spe) if (i + 1) % decay_every == 0]
+
+  def decay_steps(clock):
+    due = jax.jit(lambda step, last: semi_state.decay_due(step, last, decay_every, spe, clock))
+    out, last = [], 0
+    for step in range(3 * spe):
+      if bool(due(jnp.int32(step), jnp.int32(last))):
+        out.append(step)
+        last = step + 1
+    return out
+
+  assert decay_steps("epoch") == reference
+  assert len(reference) == 3 * (spe // decay_every)  # 200: twice an epoch, the last 100 steps never decay
+  assert (decay_steps("global") == reference) == (spe % decay_every == 0)
+  with pytest.raises(ValueError, match="bank.decay_clock"):
+    semi_state.decay_due(0, 0, 2, spe, "nope")
+
+
+def test_epoch_counts_restart_after_every_refresh():
+  """plce.class_weight_counts=epoch: the weight refreshed at an epoch's end comes from that epoch's counts."""
+  cfg = make_config()
+  cfg.plce.class_weight_counts = "epoch"
+  cfg.plce.class_weight = "frequency"
+  semi = semi_state.init(C, D, K)
+  zero = jnp.zeros((U, D), jnp.float32)
+  rng = np.random.default_rng(1)
+  epoch_counts = np.zeros(C)
+  for step in range(2 * SPE):
+    targets = rng.integers(0, C, U).astype(np.int32)
+    aux = objective.Aux(conf=jnp.full((U,), 1e-30), target=jnp.asarray(targets), mask=jnp.ones((U,), bool),
+                        f_strong=(zero, zero), teacher_mean=jnp.zeros((D,)), after_warmup=jnp.asarray(False))
+    epoch_counts = (0 if step % SPE == 0 else epoch_counts) + np.bincount(targets, minlength=C)
+    semi = semi_state.update(semi, aux, jnp.int32(step), cfg)[0]
+    if step % SPE == SPE - 1:
+      np.testing.assert_allclose(semi.class_weight, epoch_counts / epoch_counts.sum(), rtol=1e-6)
+      np.testing.assert_array_equal(semi.label_counts, 0.0)
+    else:
+      np.testing.assert_array_equal(semi.label_counts, epoch_counts)
 
 
 def test_objective_flags_the_warmup_by_epoch():

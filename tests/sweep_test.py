@@ -302,7 +302,8 @@ def test_decay_variants_change_only_their_keys(arg):
   spec = DECAY if arg is None else f"{DECAY}:{arg}"
   runs = sweep.plan(spec, "/unused", seeds=[0])
   assert [r.variant for r in runs] == ["reference", "beta_0.95", "no_decay", "beta_anneal", "decay_every_x4",
-                                       "ramp_reference", "ramp_constant", "threshold_step", "miner_scale_ramp"]
+                                       "ramp_reference", "ramp_constant", "threshold_step", "miner_scale_ramp",
+                                       "weight_decayed_inverse", "weight_epoch_counts"]
   reference = _leaves(runs[0].config.to_dict())
   for run in runs[1:]:
     changed = {k for k, v in _leaves(run.config.to_dict()).items() if reference[k] != v}

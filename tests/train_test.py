@@ -12,7 +12,7 @@ import pytest
 from step_helpers import packed, run_steps, view_batches
 
 from configs import test as test_config
-from semi_jax import sharding, train
+from semi_jax import objective, sharding, train
 from semi_jax import train_step as steps
 
 
@@ -82,6 +82,7 @@ def test_run_writes_metrics_checkpoint_and_resumes(tmp_path):
   config = test_config.get_config()
   summary = train.train_and_evaluate(config, workdir)
   assert summary["step"] == 3 and summary["trained_steps"] == 3
+  assert summary["algo"] == "semi" and summary["components"] == objective.preset_switches("semi")  # what ran
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
   events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
   assert events and os.path.getsize(os.path.join(workdir, events[0])) > 0
@@ -92,7 +93,10 @@ def test_run_writes_metrics_checkpoint_and_resumes(tmp_path):
   again = train.train_and_evaluate(config, workdir)
   assert again["step"] == 3 and again["trained_steps"] == 0
   assert again["balanced_acc"] == pytest.approx(summary["balanced_acc"])
-  # Extending the run continues from the checkpoint of step 3.
+  # Extending the run (a changed schedule length: only when allowed) continues from the checkpoint of step 3.
   config.train.total_steps = 5
+  with pytest.raises(ValueError, match="train.total_steps: 3 -> 5"):
+    train.train_and_evaluate(config, workdir)
+  config.allow_config_change = True
   more = train.train_and_evaluate(config, workdir)
   assert more["step"] == 5 and more["trained_steps"] == 2

@@ -12,12 +12,14 @@ Base: configs/digits_lt.py; `:base=cifar10_lt,dist=reversed` etc. for the paper'
   semi             SeMi: ACR + OHEML + bank/PLCE + projection consistency Lcons
   semi_no_miner    SeMi without OHEML
   semi_no_bank     SeMi without the memory bank (and so without PLCE, which reads its prototypes)
-Every variant sets all preset switches, so a base argument such as algo=acr cannot leak into it.
+Every variant sets all preset switches, so a base argument such as algo=acr cannot leak into it. Variants that
+are no preset run as ssl.algo=custom: a run is never labelled with an algorithm it does not train.
 """
 from configs import default
 from configs.ablations import base_config
 
 SEEDS = (0, 1, 2)
+CUSTOM = {"ssl.algo": default.CUSTOM}
 
 
 def get_config(arg=None):
@@ -38,9 +40,9 @@ def get_sweep(arg=None):
   return [
       ("fixmatch", algo_overrides("fixmatch")),
       ("acr", acr),
-      ("acr_miner", {**acr, "miner.enabled": True}),
-      ("acr_miner_plce", {**acr, "miner.enabled": True, "bank.enabled": True, "plce.enabled": True}),
+      ("acr_miner", {**acr, **CUSTOM, "miner.enabled": True}),
+      ("acr_miner_plce", {**acr, **CUSTOM, "miner.enabled": True, "bank.enabled": True, "plce.enabled": True}),
       ("semi", semi),
-      ("semi_no_miner", {**semi, "miner.enabled": False}),
-      ("semi_no_bank", {**semi, "bank.enabled": False, "plce.enabled": False}),
+      ("semi_no_miner", {**semi, **CUSTOM, "miner.enabled": False}),
+      ("semi_no_bank", {**semi, **CUSTOM, "bank.enabled": False, "plce.enabled": False}),
   ]

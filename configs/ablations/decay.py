@@ -21,11 +21,17 @@ steps) are derived from the base, so the same variants make sense for every base
   threshold_step    ssl.threshold * 0.95 every quarter of training        a lowered threshold admits more
                                                                             pseudo-labels (and bank entries) late
   miner_scale_ramp  miner.scale linear 0 -> the base scale                 mining strength grows with training
+  weight_decayed_inverse  plce.class_weight decayed_inverse: mixing acts    the paper's "inverse" reading of
+                    most on tail classes, its decay by ssl.monitor_df       the class weight (reference: frequency)
+  weight_epoch_counts  plce.class_weight_counts epoch: the class weight     per-epoch counts, as the spec
+                    from the last epoch's pseudo-labels, not the run's      describes (reference: whole run)
 
 Not swept: the monitor's decay factor ssl.monitor_df (0.9 / 0.99 / 0.999) has no effect with the default
 plce.class_weight = "frequency" (the reference's choice); it matters only with a decayed class weight, e.g.
-add ("df_0.9", {"plce.class_weight": "decayed_inverse", "ssl.monitor_df.value": 0.9}) next to a
-("df_0.99", {"plce.class_weight": "decayed_inverse"}) reference.
+add ("df_0.9", {"plce.class_weight": "decayed_inverse", "ssl.monitor_df.value": 0.9}) next to
+weight_decayed_inverse. bank.decay_clock (epoch, the reference's, or global) changes nothing where decay_every
+divides steps_per_epoch, as on every base but cifar100_lt and imagenet127; add ("decay_clock_global",
+{"bank.decay_clock": "global"}) there.
 """
 from configs.ablations import base_config
 
@@ -57,4 +63,6 @@ def get_sweep(arg=None):
                                             "every": max(total // 4, 1), "start_step": 0, "warmup_steps": 0}}),
       ("miner_scale_ramp", {"miner.scale": {"kind": "linear", "value": 0.0, "end_value": config.miner.scale.value,
                                             **whole_run}}),
+      ("weight_decayed_inverse", {"plce.class_weight": "decayed_inverse"}),
+      ("weight_epoch_counts", {"plce.class_weight_counts": "epoch"}),
   ]
