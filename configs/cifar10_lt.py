@@ -12,6 +12,7 @@ def get_config(arg=None):
   config.data.labeled_max = 1500
   config.data.labeled_imb = 100.0
   config.data.unlabeled_max = 3000
+  config.data.val_per_class = 50  # held out before the split (the head class uses 4,500 of its 5,000 images)
   config.data.unlabeled_imb = 100.0
   config.ssl.est_epoch = 2
   config.bank.decay_every.value = 100.0

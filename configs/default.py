@@ -22,6 +22,9 @@ def get_config(arg=None):
   data.data_dir = ""  # TFDS data directory ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   data.image_size = 32  # side of the (square) images fed to the model
   data.test_per_class = 30  # digits only: balanced held-out test images per class
+  # Validation images per class, held out from the labeled training pool before the split (0: none). Evaluated
+  # with the test set; semi_jax.report selects the evaluation by validation balanced accuracy.
+  data.val_per_class = 0
   data.labeled_max = 1500  # N1: labeled images of the head class
   data.labeled_imb = 100.0  # gamma_l: labeled imbalance ratio (head / tail)
   data.unlabeled_max = 3000  # M1: unlabeled images of the head class

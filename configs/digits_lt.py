@@ -15,6 +15,7 @@ def get_config(arg=None):
   config.data.labeled_max = 40
   config.data.labeled_imb = 10.0
   config.data.unlabeled_max = 100
+  config.data.val_per_class = 5  # held out before the split (the head class has 148 training images, 140 used)
   config.data.unlabeled_imb = 10.0
   config.model.depth = 10
   config.model.width = 2

@@ -263,3 +263,4 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+    self._reader.close()

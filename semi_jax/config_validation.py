@@ -48,6 +48,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(config.mesh.data_axis_size == -1 or config.mesh.data_axis_size >= 1, "mesh.data_axis_size",
          config.mesh.data_axis_size, "must be -1 (all devices) or >= 1")
   _check(d.test_per_class >= 1, "data.test_per_class", d.test_per_class, "must be >= 1")
+  _check(d.val_per_class >= 0, "data.val_per_class", d.val_per_class, "must be >= 0 (0: no validation set)")
   _check(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0")
   _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
   _check(d.labeled_max >= 1, "data.labeled_max", d.labeled_max, "must be >= 1")
@@ -120,6 +121,12 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(0.0 <= c.center_momentum < 1.0, "cons.center_momentum", c.center_momentum, "must be in [0, 1)")
   _check(b.decay_clock in semi_state.DECAY_CLOCKS, "bank.decay_clock", b.decay_clock,
          f"choose one of {semi_state.DECAY_CLOCKS} (epoch: the counter restarts every epoch, as the reference)")
+  if b.enabled and b.decay_clock == "epoch":
+    points = sorted({0, total // 4, total // 2, max(total - 1, 0)})
+    longest = max(round(float(v)) for v in schedules.sample(b.decay_every, total, spe, points))
+    _check(longest <= spe, "bank.decay_every", longest,
+           f"exceeds train.steps_per_epoch={spe} with bank.decay_clock=epoch: the per-epoch counter restarts "
+           "before it is reached and the bank never decays; use bank.decay_clock=global or a shorter interval")
   _check(p.class_weight_counts in semi_state.COUNT_WINDOWS, "plce.class_weight_counts", p.class_weight_counts,
          f"choose one of {semi_state.COUNT_WINDOWS}")
   _check(config.eval.few_threshold >= 0, "eval.few_threshold", config.eval.few_threshold, "must be >= 0")

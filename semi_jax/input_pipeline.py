@@ -30,7 +30,7 @@ from absl import logging
 
 from semi_jax import augment, config_validation, datasets
 from semi_jax.datasets import ArrayDataset
-from semi_jax.datasets.splits import labeled_unlabeled_indices
+from semi_jax.datasets.splits import labeled_unlabeled_indices, validation_indices
 
 LABELED_STREAM, UNLABELED_STREAM = 1, 2
 VIEWS = ("x", "u_weak", "u_strong1", "u_strong2")  # the image groups of a train batch, in `images` order
@@ -43,6 +43,7 @@ class SSLData:
   labeled_idx: np.ndarray  # into dataset.train_images
   unlabeled_idx: np.ndarray | None  # into dataset.train_images; None: the set is dataset.extra_unlabeled_images
   unlabeled_labels: np.ndarray  # -1 where unknown
+  val_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))  # validation set
 
   @property
   def num_classes(self) -> int:
@@ -82,7 +83,8 @@ def make_ssl_data(dataset: ArrayDataset, data_config, seed: int) -> SSLData:
   realigned = {f: _aligned(a, f"{dataset.name}.{f}") for f, a in tables.items() if a is not None}
   if any(realigned[f] is not tables[f] for f in realigned):
     dataset = dataclasses.replace(dataset, **realigned)
-  labeled_idx, unlabeled_idx = labeled_unlabeled_indices(dataset, data_config, seed)
+  val_idx = validation_indices(dataset, int(data_config.val_per_class), seed)
+  labeled_idx, unlabeled_idx = labeled_unlabeled_indices(dataset, data_config, seed, exclude=val_idx)
   if dataset.extra_unlabeled_images is not None:
     unlabeled_idx = None
     u_labels = np.full((len(dataset.extra_unlabeled_images),), -1, np.int64)
@@ -91,7 +93,7 @@ def make_ssl_data(dataset: ArrayDataset, data_config, seed: int) -> SSLData:
   if len(labeled_idx) == 0 or len(u_labels) == 0:
     raise ValueError(f"{dataset.name}: the split has {len(labeled_idx)} labeled and {len(u_labels)} unlabeled "
                      "images; both must be non-empty (check data.labeled_max / data.unlabeled_max).")
-  return SSLData(dataset, labeled_idx, unlabeled_idx, u_labels)
+  return SSLData(dataset, labeled_idx, unlabeled_idx, u_labels, val_idx)
 
 
 _COPY_WARNING_BYTES = 1 << 28  # a copy of a table this large is worth a warning

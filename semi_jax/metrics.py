@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
-from clu import metrics as clu_metrics
 
 
 def train_metrics_collection(keys):
   """A clu Collection averaging every scalar the train step reports (keys fixed at trace time)."""
+  from clu import metrics as clu_metrics  # here: the report reads summaries without loading JAX
   return clu_metrics.Collection.create(**{k: clu_metrics.Average.from_output(k) for k in sorted(keys)})
 
 
@@ -58,3 +58,63 @@ def format_table(per_class: dict[str, np.ndarray], labeled_counts, unlabeled_cou
     accs = " ".join(f"{per_class[h][c]:10.2f}" for h in heads)
     lines.append(f"{c:>5} {int(labeled_counts[c]):>8} {ul:>9} {accs}")
   return "\n".join(lines)
+
+
+def select_by_validation(records) -> int | None:
+  """The index of the evaluation record with the highest validation balanced accuracy of the reported head (the
+  first of equal ones), or None when the records hold no validation results: model selection that never looks
+  at the test set."""
+  scores = [r["validation"][r["reported"]]["balanced_acc"] if "validation" in r else None for r in records]
+  if not scores or any(v is None for v in scores):
+    return None
+  values = np.array(scores, np.float64)
+  if np.isnan(values).all():
+    return None
+  return int(np.nanargmax(values))
+
+
+PSEUDO_SCALARS = ("tv_distance", "macro_precision", "macro_recall", "mask_rate_all", "confident")
+
+
+def pseudo_label_summary(counts: dict) -> dict:
+  """Pseudo-label quality from summed per-class counts (`train_step.pseudo_label_counts`), fractions in [0, 1]:
+  per class precision (correct / confident among known labels), recall (correct / true), mask rate (confident /
+  true); `estimated` (the class distribution of the confident pseudo-labels) and `true` (of the known labels of
+  the unlabeled data), their total-variation distance, macro precision/recall over the classes where defined,
+  the overall mask rate of known-label examples and the number of confident pseudo-labels. nan where a
+  denominator is 0 (no known labels, e.g. STL-10's unlabeled set: only `estimated` is defined there)."""
+  c = {k: np.asarray(v, np.float64) for k, v in counts.items()}
+  ratio = lambda a, b: np.where(b > 0, a / np.maximum(b, 1e-300), np.nan)
+  precision = ratio(c["correct"], c["confident_known"])
+  recall = ratio(c["correct"], c["true"])
+  estimated = ratio(c["confident"], np.full_like(c["confident"], c["confident"].sum()))
+  true = ratio(c["true"], np.full_like(c["true"], c["true"].sum()))
+  nanmean = lambda x: float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+  return {"precision": precision, "recall": recall, "mask_rate": ratio(c["confident_of_true"], c["true"]),
+          "estimated": estimated, "true": true, "tv_distance": float(0.5 * np.abs(estimated - true).sum()),
+          "macro_precision": nanmean(precision), "macro_recall": nanmean(recall),
+          "mask_rate_all": float(ratio(c["confident_of_true"].sum(), c["true"].sum())),
+          "confident": float(c["confident"].sum())}
+
+
+def confusion_image(confusion, cell: int = 8) -> np.ndarray:
+  """A [C*cell, C*cell, 3] uint8 heat map of a confusion matrix normalised per row (true class): white 0, dark
+  blue 1; rows without examples stay white. For TensorBoard's image tab."""
+  confusion = np.asarray(confusion, np.float64)
+  rows = confusion.sum(axis=1, keepdims=True)
+  share = np.where(rows > 0, confusion / np.maximum(rows, 1e-300), 0.0)
+  low, high = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
+  rgb = low + share[..., None] * (high - low)
+  return np.repeat(np.repeat(np.round(rgb).astype(np.uint8), cell, axis=0), cell, axis=1)
+
+
+def bar_image(values, top: float = 100.0, width: int = 8, height: int = 64) -> np.ndarray:
+  """A [height, C*width, 3] uint8 bar chart of per-class values in [0, top] (nan: no bar), one bar per class
+  with a one-pixel gap. For TensorBoard's image tab."""
+  values = np.nan_to_num(np.clip(np.asarray(values, np.float64) / top, 0.0, 1.0))
+  image = np.full((height, len(values) * width, 3), 255, np.uint8)
+  for c, v in enumerate(values):
+    filled = int(round(v * height))
+    if filled:
+      image[height - filled:, c * width:(c + 1) * width - 1] = (31, 119, 180)
+  return image

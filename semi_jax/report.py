@@ -3,12 +3,15 @@
   python -m semi_jax.report --workdir=DIR [--last_n=5]
 
 Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes
-  DIR/report.csv, DIR/report.md  one row per variant: final, best and mean-of-the-last-N-evaluations balanced
+  DIR/report.csv, DIR/report.md  one row per variant: final, at-best-validation and mean-of-the-last-N balanced
                                  accuracy and the final many/medium/few and top-1 accuracy, geometric mean of
-                                 the per-class recalls (gm) and macro F1 of the reported head, each as mean and sample standard deviation (ddof=1) over seeds;
+                                 the per-class recalls (gm) and macro F1 of the reported head, each as mean
+                                 and sample standard deviation (ddof=1) over seeds;
   DIR/balanced_acc.png           test balanced accuracy vs step, mean over seeds (band: +- std);
   DIR/bank.png                   memory-bank mean confidence and fill vs step (averaged over classes);
   DIR/per_class.png              final per-class accuracy per variant (error bars: std over seeds);
+  DIR/pseudo_labels.png          per-class pseudo-label precision, recall, mask rate and estimated vs true
+                                 unlabeled class distribution over the last evaluation interval;
   DIR/schedules.png              the swept schedules of every variant vs step (when any schedule is swept).
 Accuracies are in %. A run that has not finished is included with its latest evaluation (see 'steps').
 DIR may be on a remote file system such as gs:// (see semi_jax.files).
@@ -32,15 +35,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
-from semi_jax import files, schedules, sweep
+from semi_jax import files, metrics, schedules, sweep
 
 EVAL_LOG = "eval.jsonl"  # written by semi_jax.train, one record per evaluation
 CSV_FILE, MD_FILE = "report.csv", "report.md"
 PLOTS = {"balanced_acc": "balanced_acc.png", "bank": "bank.png", "per_class": "per_class.png",
-         "schedules": "schedules.png"}
+         "pseudo_labels": "pseudo_labels.png", "schedules": "schedules.png"}
 # Per-variant statistics (CSV columns <name>_mean, <name>_std); per-seed values from seed_metrics.
-METRICS = ("final_balanced_acc", "best_balanced_acc", "last_n_balanced_acc", "acc_many", "acc_medium",
-           "acc_few", "acc", "gm", "macro_f1")
+METRICS = ("final_balanced_acc", "val_selected_balanced_acc", "last_n_balanced_acc", "acc_many", "acc_medium",
+           "acc_few", "acc", "gm", "macro_f1", "pl_macro_precision", "pl_macro_recall", "pl_tv_distance")
+# The columns of report.md (report.csv has every metric), with their headers.
+MD_METRICS = {"final_balanced_acc": "final bal. acc", "val_selected_balanced_acc": "bal. acc at best val.",
+              "last_n_balanced_acc": None, "acc_many": "many", "acc_medium": "medium", "acc_few": "few",
+              "gm": "GM"}
 _SEED_DIR = re.compile(r"seed_(\d+)")
 
 
@@ -104,14 +111,21 @@ def _head(record: dict) -> dict:
 
 
 def seed_metrics(evals: Sequence[dict], last_n: int) -> dict:
-  """The statistics of one run: final / best / mean of the last `last_n` balanced accuracies, final groups."""
+  """The statistics of one run: final balanced accuracy, the test balanced accuracy at the evaluation with the
+  best validation balanced accuracy (nan without a validation set: nothing is ever selected on the test set),
+  mean of the last `last_n` balanced accuracies, final groups, GM and macro F1."""
   balanced = np.array([_head(r)["balanced_acc"] for r in evals], np.float64)
   final = _head(evals[-1])
-  return {"final_balanced_acc": balanced[-1], "best_balanced_acc": np.nanmax(balanced),
+  selected = metrics.select_by_validation(evals)
+  return {"final_balanced_acc": balanced[-1],
+          "val_selected_balanced_acc": float("nan") if selected is None else balanced[selected],
           "last_n_balanced_acc": np.mean(balanced[-last_n:]), "acc_many": final["acc_many"],
           "acc_medium": final["acc_medium"], "acc_few": final["acc_few"], "acc": final["acc"],
           # (absent from the records of older versions)
           "gm": final.get("gm", float("nan")), "macro_f1": final.get("macro_f1", float("nan")),
+          # Pseudo-label quality over the last evaluation interval (fractions, as the run records them).
+          **{f"pl_{k}": (evals[-1].get("pseudo_labels") or {}).get(k, float("nan"))
+             for k in ("macro_precision", "macro_recall", "tv_distance")},
           "step": int(evals[-1]["step"])}
 
 
@@ -212,18 +226,21 @@ def _pm(mean: float, std: float) -> str:
 
 
 def markdown(rows: Sequence[dict], last_n: int, plots: Sequence[str], pending: Sequence[str] = ()) -> str:
-  header = ["variant", "seeds", "steps", "final bal. acc", "best bal. acc", f"last-{last_n} bal. acc", "many",
-            "medium", "few", "Δ final", "overrides"]
+  header = ["variant", "seeds", "steps"] + [label or f"last-{last_n} bal. acc" for label in MD_METRICS.values()]
+  header += ["Δ final", "overrides"]
   lines = ["# Ablation report", "",
            f"Balanced top-1 accuracy (%) of the reported head on the test set, mean ± std over seeds (ddof=1). "
-           f"'last-{last_n}' averages each seed's last {last_n} evaluations; many/medium/few are final; "
+           "'at best val.' is the test accuracy of the evaluation with the best validation balanced accuracy "
+           "(n/a without data.val_per_class; nothing is selected on the test set). "
+           f"'last-{last_n}' averages each seed's last {last_n} evaluations; many/medium/few and GM (geometric "
+           "mean of per-class recall) are final; "
            f"Δ final is relative to {rows[0]['variant'] if rows else 'the first variant'}. 'steps' is the step "
            "of the least advanced seed; seeds marked * have not finished.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
     seeds = f"{r['seeds']}" + ("" if r["finished"] == r["seeds"] else f" ({r['seeds'] - r['finished']}*)")
     cells = [r["variant"], seeds, str(r["steps"])]
-    cells += [_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS[:-1]]
+    cells += [_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in MD_METRICS]
     cells += [f"{r['final_delta']:+.2f}", r["overrides"].replace("|", "/")]
     lines.append("| " + " | ".join(cells) + " |")
   if pending:
@@ -299,6 +316,36 @@ def plot_per_class(groups: dict[str, list[SeedRun]], path: str) -> None:
   _save(fig, path)
 
 
+def plot_pseudo_labels(groups: dict[str, list[SeedRun]], path: str) -> bool:
+  """Per-class pseudo-label precision, recall and mask rate of the last evaluation interval, and the estimated
+  against the true unlabeled class distribution; one bar per variant (mean over seeds). False (nothing written)
+  when no run recorded pseudo-label statistics."""
+  stats = {v: [r.evals[-1]["pseudo_labels"] for r in g if r.evals[-1].get("pseudo_labels")] for v, g in groups.items()}
+  stats = {v: s for v, s in stats.items() if s}
+  if not stats:
+    return False
+  panels = [("precision", "precision"), ("recall", "recall"), ("mask_rate", "mask rate"),
+            ("estimated", "estimated class distribution")]
+  num_classes = max(len(s[0]["precision"]) for s in stats.values())
+  fig = Figure(figsize=(min(max(8.0, 0.35 * num_classes * len(stats)), 40.0), 3.0 * len(panels)))
+  axes = fig.subplots(len(panels), 1, squeeze=False).ravel()
+  x, width = np.arange(num_classes), 0.8 / len(stats)
+  for ax, (key, label) in zip(axes, panels):
+    for i, (color, (variant, s)) in enumerate(zip(_colors(len(stats)), stats.items())):
+      with np.errstate(all="ignore"):
+        values = np.nanmean(np.array([r[key] for r in s], np.float64), axis=0)
+      ax.bar(x - 0.4 + (i + 0.5) * width, values, width, color=color, label=variant)
+    if key == "estimated":  # the truth is the same for every variant of a seed
+      ax.step(x, np.array(next(iter(stats.values()))[0]["true"], np.float64), where="mid", color="black",
+              linestyle="--", label="true (unlabeled data)")
+    ax.set(ylabel=label, ylim=(0, 1.05))
+  axes[0].set_title("Pseudo-labels over the last evaluation interval (mean over seeds)")
+  axes[-1].set_xlabel("class")
+  axes[-1].legend(fontsize=7, ncol=min(len(stats) + 1, 4))
+  _save(fig, path)
+  return True
+
+
 def plot_schedules(groups: dict[str, list[SeedRun]], path: str, num_points: int = 200) -> bool:
   """The curve of every swept schedule for each variant that changes it (black dashes: the others' base curve).
 
@@ -359,6 +406,8 @@ def make_report(workdir: str, last_n: int = 5) -> dict[str, str]:
                       ("Memory bank: fill", "filled fraction", _bank_mean("bank_fill"))])
   plot_per_class(groups, files.join(workdir, PLOTS["per_class"]))
   names = ["balanced_acc", "bank", "per_class"]
+  if plot_pseudo_labels(groups, files.join(workdir, PLOTS["pseudo_labels"])):
+    names.append("pseudo_labels")
   if plot_schedules(groups, files.join(workdir, PLOTS["schedules"])):
     names.append("schedules")
   written.update({n: files.join(workdir, PLOTS[n]) for n in names})

@@ -76,7 +76,7 @@ class Program:
 
   init_state(rng) -> state; init_carry() -> carry; train_step(state, carry, batch, rng) -> (state, carry),
   donating state and carry (`train_step.guarded_step`); reset_metrics(carry) -> carry with the metric sums
-  zeroed; eval_step(params, batch_stats, batch) -> sums. All are compiled with `compiler_options`.
+  zeroed; reset_pseudo_counts(carry) -> carry with the per-class pseudo-label counts zeroed; eval_step(params, batch_stats, batch) -> sums. All are compiled with `compiler_options`.
   """
   ctx: steps.StepContext
   cpu_fast_paths: bool
@@ -87,6 +87,7 @@ class Program:
   init_carry: Callable
   train_step: Callable
   reset_metrics: Callable
+  reset_pseudo_counts: Callable
   eval_step: Callable
 
 
@@ -119,17 +120,19 @@ def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, pla
   # The metric names are those the step returns, known once it is traced.
   out_shape = jax.eval_shape(functools.partial(steps.train_step, ctx=ctx), jax.eval_shape(init_state,
                              jax.random.key(0)), batch_spec(config, mesh), jax.random.key(0))[1]
-  metrics_cls = metrics.train_metrics_collection(out_shape)
+  metrics_cls = metrics.train_metrics_collection([k for k in out_shape if not k.startswith(steps.PSEUDO_COUNTS)])
   loss_keys = tuple(k for k in sorted(out_shape) if k.startswith("loss"))
   step = functools.partial(steps.guarded_step, ctx=ctx, metrics_cls=metrics_cls,
                            skip_nonfinite=config.train.skip_nonfinite_steps)
   return Program(
       ctx=ctx, cpu_fast_paths=fast, compiler_options=options, metrics_cls=metrics_cls, loss_keys=loss_keys,
       init_state=init_state,
-      init_carry=jit(functools.partial(steps.init_carry, metrics_cls, loss_keys), out_shardings=repl),
+      init_carry=jit(functools.partial(steps.init_carry, metrics_cls, loss_keys, num_classes), out_shardings=repl),
       train_step=jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl)),
       reset_metrics=jit(lambda carry: {**carry, "metrics": metrics_cls.empty()}, donate_argnums=0,
                         out_shardings=repl),
+      reset_pseudo_counts=jit(lambda carry: {**carry, "pseudo": steps.empty_pseudo_counts(num_classes)},
+                              donate_argnums=0, out_shardings=repl),
       eval_step=jit(functools.partial(steps.eval_step, ctx=ctx), out_shardings=repl))
 
 
@@ -198,21 +201,30 @@ class Trainer:
       self.state = restored
     return int(jax.device_get(self.state.step))
 
-  def evaluate(self) -> dict:
-    """Test-set summaries of both heads on the EMA weights."""
-    d = self.data.dataset
+  def _evaluate_on(self, images, labels) -> dict:
+    """Summaries of both heads on the EMA weights over `images`."""
     sums = None
-    for batch in input_pipeline.eval_batches(d.test_images, d.test_labels, self.config.train.eval_batch_size,
+    for batch in input_pipeline.eval_batches(images, labels, self.config.train.eval_batch_size,
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count()):
       out = self.program.eval_step(self.state.ema_params, self.state.batch_stats,
                                    sharding.to_global(batch, self.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
-    result = {"standard": metrics.summarize_confusion(sums["confusion"], self.groups),
-              "balanced": metrics.summarize_confusion(sums["confusion_b"], self.groups),
-              "loss_b": float(sums["loss_b_sum"] / max(sums["count"], 1.0))}
+    return {"standard": metrics.summarize_confusion(sums["confusion"], self.groups),
+            "balanced": metrics.summarize_confusion(sums["confusion_b"], self.groups),
+            "loss_b": float(sums["loss_b_sum"] / max(sums["count"], 1.0)),
+            "confusion": {"standard": sums["confusion"], "balanced": sums["confusion_b"]}}
+
+  def evaluate(self) -> dict:
+    """Test-set summaries of both heads on the EMA weights, and under "validation" the same for the held-out
+    validation set (data.val_per_class > 0)."""
+    d = self.data.dataset
+    result = self._evaluate_on(d.test_images, d.test_labels)
     result["reported"] = "balanced" if self.config.ssl.dual_head else "standard"
+    if len(self.data.val_idx):
+      val = self._evaluate_on(d.train_images[self.data.val_idx], d.train_labels[self.data.val_idx])
+      result["validation"] = {"standard": val["standard"], "balanced": val["balanced"]}
     return result
 
   def _write_eval(self, writer, step: int, result: dict) -> None:
@@ -226,6 +238,14 @@ class Trainer:
       scalars[f"eval/acc_{g}"] = head[f"acc_{g}"]
     for c, a in enumerate(head["per_class"]):
       scalars[f"eval_class/acc_{c:03d}"] = a
+    if "validation" in result:
+      val = result["validation"][result["reported"]]
+      scalars.update({"val/acc": val["acc"], "val/balanced_acc": val["balanced_acc"], "val/gm": val["gm"]})
+    pl = result.get("pseudo_labels")
+    if pl is not None:
+      scalars.update({f"pseudo/{k}": pl[k] for k in metrics.PSEUDO_SCALARS})
+      for k in ("precision", "recall", "mask_rate", "estimated", "true"):
+        scalars.update({f"pseudo_class/{k}_{c:03d}": v for c, v in enumerate(pl[k])})
     bank = jax.device_get(self.state.semi.bank)
     fill = np.asarray(memory_bank.fill_fraction(bank))
     conf = np.asarray(memory_bank.mean_confidence(bank))
@@ -234,11 +254,18 @@ class Trainer:
         scalars[f"bank/fill_{c:03d}"] = fill[c]
         scalars[f"bank/confidence_{c:03d}"] = conf[c]
     writer.write_scalars(step, scalars)
+    writer.write_images(step, {"eval/confusion_matrix": metrics.confusion_image(result["confusion"][result["reported"]])[None],
+                               "eval/per_class_accuracy": metrics.bar_image(head["per_class"])[None]})
     if self.is_lead:
       record = {"step": step, "reported": result["reported"], "loss_b": result["loss_b"],
                 "bank_fill": fill.tolist(), "bank_confidence": conf.tolist()}
+      as_json = lambda summary: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in summary.items()}
       for name in ("standard", "balanced"):
-        record[name] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result[name].items()}
+        record[name] = as_json(result[name])
+      if "validation" in result:
+        record["validation"] = {name: as_json(result["validation"][name]) for name in ("standard", "balanced")}
+      if "pseudo_labels" in result:
+        record["pseudo_labels"] = as_json(result["pseudo_labels"])
       files.append_line(files.join(self.workdir, EVAL_LOG), json.dumps(record, allow_nan=True))
 
   def run(self, batches=None) -> dict:
@@ -288,6 +315,9 @@ class Trainer:
           carry = self.program.reset_metrics(carry)
         if done % t.eval_every_steps == 0 or done == t.total_steps:
           result = self.evaluate()
+          # Pseudo-label quality since the previous evaluation (one read of the on-device sums).
+          result["pseudo_labels"] = metrics.pseudo_label_summary(jax.device_get(carry["pseudo"]))
+          carry = self.program.reset_pseudo_counts(carry)
           self._write_eval(writer, done, result)
         if stop or done % t.checkpoint_every_steps == 0 or done == t.total_steps:
           self._check_guard(carry["guard"])  # never save a state reached through a non-finite step
@@ -311,6 +341,7 @@ class Trainer:
     elapsed = time.time() - t0
     summary = self._summary(result, trained, elapsed)
     if self.is_lead:
+      summary["selected_by_validation"] = self._selected_by_validation()
       files.write_json_atomic(files.join(self.workdir, SUMMARY), summary)
       if t.print_table:
         print(self.final_report(result, summary))
@@ -326,8 +357,24 @@ class Trainer:
             "acc_many": head["acc_many"], "acc_medium": head["acc_medium"], "acc_few": head["acc_few"],
             "acc_standard_head": result["standard"]["acc"], "acc_balanced_head": result["balanced"]["acc"],
             "per_class": [float(a) for a in head["per_class"]],
+            "pseudo_labels": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                              for k, v in result.get("pseudo_labels", {}).items()} or None,
             "labeled_counts": self.data.labeled_counts.tolist(),
             "trained_steps": trained_steps, "skipped_steps": self.skipped_steps, "train_seconds": elapsed}
+
+  def _selected_by_validation(self):
+    """The evaluation with the best validation balanced accuracy (its step, validation and test accuracy of the
+    reported head), from the run's eval log; None without a validation set."""
+    path = files.join(self.workdir, EVAL_LOG)
+    records = [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()] \
+        if files.exists(path) else []
+    best = metrics.select_by_validation(records)
+    if best is None:
+      return None
+    r = records[best]
+    test, val = r[r["reported"]], r["validation"][r["reported"]]
+    return {"step": r["step"], "val_balanced_acc": val["balanced_acc"], "balanced_acc": test["balanced_acc"],
+            "acc": test["acc"], "gm": test.get("gm"), "acc_few": test["acc_few"]}
 
   def final_report(self, result, summary) -> str:
     table = metrics.format_table({"standard": result["standard"]["per_class"],

@@ -89,6 +89,20 @@ def test_plce_without_bank_is_rejected():
     config_validation.validate(config)
 
 
+def test_a_per_epoch_decay_interval_longer_than_the_epoch_is_rejected():
+  """With the reference's per-epoch counter, an interval longer than the epoch never decays the bank."""
+  config = test_config.get_config()
+  config.train.steps_per_epoch = 2
+  config.bank.decay_clock = "epoch"
+  config_validation.validate(config)  # decay_every 2 <= 2
+  config.bank.decay_every.value = 3.0
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"bank.decay_every=3 .*steps_per_epoch=2 with bank.decay_clock=epoch.*never decays"):
+    config_validation.validate(config)
+  config.bank.decay_clock = "global"
+  config_validation.validate(config)
+
+
 def test_unknown_field_fails_on_a_locked_config():
   config = test_config.get_config()
   config.lock()  # as the command line does (config_flags lock_config=True)

@@ -156,3 +156,27 @@ def test_split_holds_indices_and_one_aligned_pool(setup):
   again = input_pipeline.make_ssl_data(data.dataset, config.data, config.seed)
   assert again.dataset is data.dataset  # an aligned source is used as it is
   np.testing.assert_array_equal(again.unlabeled_idx, data.unlabeled_idx)
+
+
+def test_validation_set_is_balanced_held_out_and_seeded():
+  """data.val_per_class images of every class, drawn with the seed from the labeled training pool before the
+  split: disjoint from the labeled and unlabeled sets, which keep their per-class counts; 0 leaves the split as
+  it was."""
+  config = test_config.get_config()
+  dataset = datasets.load(config.data)
+  plain = input_pipeline.make_ssl_data(dataset, config.data, config.seed)
+  assert plain.val_idx.size == 0
+  config.data.val_per_class = 7
+  data = input_pipeline.make_ssl_data(dataset, config.data, config.seed)
+  labels = dataset.train_labels
+  np.testing.assert_array_equal(np.bincount(labels[data.val_idx], minlength=10), np.full(10, 7))
+  assert not set(data.val_idx) & (set(data.labeled_idx) | set(data.unlabeled_idx))
+  np.testing.assert_array_equal(data.labeled_counts, plain.labeled_counts)
+  np.testing.assert_array_equal(data.unlabeled_counts, plain.unlabeled_counts)
+  again = input_pipeline.make_ssl_data(dataset, config.data, config.seed)
+  np.testing.assert_array_equal(again.val_idx, data.val_idx)
+  other = input_pipeline.make_ssl_data(dataset, config.data, config.seed + 1)
+  assert set(other.val_idx) != set(data.val_idx)
+  config.data.val_per_class = 10_000
+  with pytest.raises(ValueError, match=r"fewer than data.val_per_class=10000"):
+    input_pipeline.make_ssl_data(dataset, config.data, config.seed)

@@ -45,3 +45,47 @@ def test_macro_metrics_equal_sklearn(seed):
   assert s["balanced_acc"] == pytest.approx(100 * skm.balanced_accuracy_score(y_true, y_pred))
   recalls = np.diag(confusion) / confusion.sum(axis=1)
   assert s["gm"] == pytest.approx(100 * np.prod(recalls) ** 0.25)
+
+
+def test_pseudo_label_counts_and_summary_by_hand():
+  """Six unlabeled rows of 3 classes, one with an unknown label (-1). Confident pseudo-labels: rows 0, 1, 2, 5."""
+  import jax.numpy as jnp
+  from semi_jax import train_step
+  target = jnp.array([0, 0, 1, 2, 1, 2])
+  mask = jnp.array([True, True, True, False, False, True])
+  u_label = jnp.array([0, 1, 1, 2, 0, -1])
+  counts = {k: np.asarray(v) for k, v in train_step.pseudo_label_counts(target, mask, u_label, 3).items()}
+  np.testing.assert_array_equal(counts["true"], [2, 2, 1])  # known labels: 0, 1, 1, 2, 0
+  np.testing.assert_array_equal(counts["confident"], [2, 1, 1])  # rows 0, 1 -> 0; row 2 -> 1; row 5 -> 2
+  np.testing.assert_array_equal(counts["confident_known"], [2, 1, 0])  # row 5's label is unknown
+  np.testing.assert_array_equal(counts["correct"], [1, 1, 0])  # row 0 (0 = 0), row 2 (1 = 1)
+  np.testing.assert_array_equal(counts["confident_of_true"], [1, 2, 0])  # true 0: row 0; true 1: rows 1, 2
+  s = metrics.pseudo_label_summary(counts)
+  np.testing.assert_allclose(s["precision"][:2], [0.5, 1.0])
+  assert np.isnan(s["precision"][2])  # no confident known pseudo-label of class 2
+  np.testing.assert_allclose(s["recall"], [0.5, 0.5, 0.0])
+  np.testing.assert_allclose(s["mask_rate"], [0.5, 1.0, 0.0])
+  np.testing.assert_allclose(s["estimated"], [0.5, 0.25, 0.25])
+  np.testing.assert_allclose(s["true"], [0.4, 0.4, 0.2])
+  assert s["tv_distance"] == pytest.approx(0.5 * (0.1 + 0.15 + 0.05))
+  assert s["macro_precision"] == pytest.approx(0.75) and s["macro_recall"] == pytest.approx(1 / 3)
+  assert s["mask_rate_all"] == pytest.approx(3 / 5) and s["confident"] == 4
+  unknown = metrics.pseudo_label_summary({k: np.zeros(3) if k != "confident" else np.array([1.0, 0, 3])
+                                          for k in counts})
+  np.testing.assert_allclose(unknown["estimated"], [0.25, 0, 0.75])
+  assert np.isnan(unknown["tv_distance"]) and np.isnan(unknown["macro_recall"])
+
+
+def test_tensorboard_images():
+  confusion = np.array([[3, 1, 0], [0, 0, 0], [0, 2, 2]])
+  image = metrics.confusion_image(confusion, cell=4)
+  assert image.shape == (12, 12, 3) and image.dtype == np.uint8
+  np.testing.assert_array_equal(image[0, 12 - 1], [255, 255, 255])  # row 0, column 2: 0 of 4
+  assert (image[0, 0] < image[0, 4]).all()  # 3/4 darker than 1/4
+  np.testing.assert_array_equal(image[4:8], 255)  # no examples of class 1: white
+  np.testing.assert_array_equal(image[8, 4], image[8, 8])  # 2/4 and 2/4
+  bars = metrics.bar_image([100.0, 50.0, float("nan")], width=4, height=10)
+  assert bars.shape == (10, 12, 3)
+  assert (bars[:, 0] != 255).any(axis=-1).all()  # full bar
+  assert (bars[5:, 4] != 255).any(axis=-1).all() and (bars[:5, 4] == 255).all()  # half bar
+  assert (bars[:, 8:] == 255).all()  # nan: no bar

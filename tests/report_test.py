@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from configs import test as test_config
-from semi_jax import files, report, sweep
+from semi_jax import files, metrics, report, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,7 +84,6 @@ def test_mean_std_over_seeds_by_hand(two_variants):
   assert (ref["seeds"], ref["finished"], ref["steps"]) == ("2", "2", "6")
   expect = {  # (mean, sample std) of the two seeds' values
       "final_balanced_acc": (65.0, math.sqrt(50.0)),  # 60, 70
-      "best_balanced_acc": (66.5, 9.0 / math.sqrt(2.0)),  # max(50, 62, 60) = 62, max(55, 71, 70) = 71
       "last_n_balanced_acc": (65.75, 9.5 / math.sqrt(2.0)),  # (62 + 60) / 2 = 61, (71 + 70) / 2 = 70.5
       "acc_many": (85.0, math.sqrt(50.0)), "acc_medium": (45.0, math.sqrt(50.0)),
       "acc_few": (20.0, math.sqrt(200.0)), "acc": (72.5, math.sqrt(12.5))}
@@ -98,9 +97,25 @@ def test_mean_std_over_seeds_by_hand(two_variants):
   assert ref["overrides"] == "(base)"
   assert beta["overrides"] == "bank.beta: linear 0.95→0.999 over steps 0..end"
   md = open(written["md"]).read()
-  assert "| ref | 2 | 6 | 65.00 ± 7.07 | 66.50 ± 6.36 | 65.75 ± 6.72 | 85.00 ± 7.07 |" in md
-  assert "| beta | 1 | 6 | 45.00 | 45.00 | 42.50 |" in md and "| -20.00 |" in md
+  # No validation set in these runs: nothing selected, never the best test evaluation.
+  assert math.isnan(float(ref["val_selected_balanced_acc_mean"]))
+  assert "| ref | 2 | 6 | 65.00 ± 7.07 | n/a | 65.75 ± 6.72 | 85.00 ± 7.07 | 45.00 ± 7.07 | 20.00 ± 14.14 | n/a |" \
+      in md, md
+  assert "| beta | 1 | 6 | 45.00 | n/a | 42.50 |" in md and "| -20.00 |" in md
   assert "last-2 bal. acc" in md
+
+
+def test_selection_by_validation_never_looks_at_the_test_set(tmp_path):
+  """Test accuracy is reported at the evaluation with the best validation balanced accuracy: here step 4 (val
+  80), whose test accuracy (55) is neither the best (70, step 6) nor the final one."""
+  records = [_record(2, 50.0), _record(4, 55.0), _record(6, 70.0)]
+  for r, val in zip(records, (60.0, 80.0, 75.0)):
+    r["validation"] = {"balanced": {"balanced_acc": val}, "standard": {"balanced_acc": -1.0}}
+  _write_run(str(tmp_path), "ref", 0, records)
+  row = report.summarize(report.load_runs(str(tmp_path)), last_n=1)[0]
+  assert row["val_selected_balanced_acc_mean"] == 55.0 and row["final_balanced_acc_mean"] == 70.0
+  assert metrics.select_by_validation(records) == 1
+  assert metrics.select_by_validation(records[:1] + [_record(8, 90.0)]) is None  # one record without validation
 
 
 def test_last_n_longer_than_the_run_averages_every_evaluation(two_variants):
@@ -127,8 +142,9 @@ def test_report_of_a_sweep_on_ram_equals_the_local_one(two_variants, ram_sweep):
   for name in ("balanced_acc", "bank", "per_class", "schedules"):
     data = files.read_bytes(written[name])
     assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
+  plots = [p for n, p in report.PLOTS.items() if n != "pseudo_labels"]  # these runs recorded no pseudo-labels
   assert sorted(files.listdir(ram_sweep)) == sorted(["beta", "ref", report.CSV_FILE, report.MD_FILE,
-                                                     *report.PLOTS.values()])  # no temporary file left
+                                                     *plots])  # no temporary file left
 
 
 def test_no_schedule_plot_without_a_swept_schedule(tmp_path):
@@ -209,3 +225,22 @@ def test_cli(two_variants, tmp_path):
   assert "| ref | 2 | 6 |" in r.stdout and os.path.getsize(os.path.join(two_variants, report.CSV_FILE)) > 0
   r = _report_cli(f"--workdir={tmp_path / 'missing'}")
   assert r.returncode != 0 and "is not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pseudo_label_columns_and_plot(tmp_path):
+  """The last evaluation's pseudo-label statistics become columns (mean over seeds) and pseudo_labels.png."""
+  d = str(tmp_path)
+  for seed, (precision, tv) in enumerate([(0.8, 0.1), (0.6, 0.3)]):
+    final = _record(4, 60.0, per_class=(90, 60, 30))
+    final["pseudo_labels"] = {"precision": [precision, 0.5, float("nan")], "recall": [0.9, 0.5, 0.1],
+                              "mask_rate": [0.9, 0.6, 0.2], "estimated": [0.6, 0.3, 0.1], "true": [0.5, 0.3, 0.2],
+                              "tv_distance": tv, "macro_precision": precision, "macro_recall": 0.5}
+    _write_run(d, "ref", seed, [_record(2, 50.0), final])
+  written = report.make_report(d, last_n=1)
+  row = _read_csv(written["csv"])[0]
+  assert float(row["pl_macro_precision_mean"]) == pytest.approx(0.7)
+  assert float(row["pl_tv_distance_mean"]) == pytest.approx(0.2)
+  assert math.isnan(float(row["pl_macro_recall_std"])) or float(row["pl_macro_recall_std"]) == 0.0
+  assert written["pseudo_labels"].endswith(report.PLOTS["pseudo_labels"])
+  assert files.read_bytes(written["pseudo_labels"])[:8] == b"\x89PNG\r\n\x1a\n"
+  assert f"]({report.PLOTS['pseudo_labels']})" in files.read_text(written["md"])

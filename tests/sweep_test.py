@@ -115,7 +115,7 @@ def test_report_on_the_sweep(trained_sweep, tmp_path):
     reader = csv.DictReader(f)
     rows = list(reader)
   assert reader.fieldnames[:4] == ["variant", "seeds", "finished", "steps"]
-  assert {"final_balanced_acc_mean", "final_balanced_acc_std", "best_balanced_acc_mean",
+  assert {"final_balanced_acc_mean", "final_balanced_acc_std", "val_selected_balanced_acc_mean",
           "last_n_balanced_acc_mean", "acc_many_mean", "acc_medium_mean", "acc_few_mean", "final_delta",
           "overrides"} <= set(reader.fieldnames)
   assert [r["variant"] for r in rows] == TRAINED

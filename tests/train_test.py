@@ -89,6 +89,19 @@ def test_run_writes_metrics_checkpoint_and_resumes(tmp_path):
   evals = [json.loads(line) for line in open(os.path.join(workdir, train.EVAL_LOG))]
   assert [e["step"] for e in evals] == [2, 3]
   assert len(evals[-1]["balanced"]["per_class"]) == 10
+  # Pseudo-label quality since the previous evaluation: steps 1-2, then step 3 alone (16 unlabeled rows a step;
+  # the test config's threshold keeps nearly every pseudo-label confident), so the sums were reset in between.
+  first, second = (e["pseudo_labels"] for e in evals)
+  assert 16 < first["confident"] <= 32 and 0 < second["confident"] <= 16
+  for pl in (first, second):
+    assert sum(pl["true"]) == pytest.approx(1.0) and sum(pl["estimated"]) == pytest.approx(1.0)
+    assert 0 <= pl["tv_distance"] <= 1 and len(pl["precision"]) == 10
+  assert summary["pseudo_labels"]["confident"] == second["confident"]
+  import tensorflow as tf
+  tags = {v.tag for name in events for record in tf.data.TFRecordDataset(os.path.join(workdir, name))
+          for v in tf.compat.v1.Event.FromString(record.numpy()).summary.value}
+  assert {"eval/confusion_matrix", "eval/per_class_accuracy", "eval/gm", "pseudo/tv_distance",
+          "pseudo_class/precision_000"} <= tags, sorted(tags)
   # A second invocation finds the finished run: it resumes at step 3 and trains nothing more.
   again = train.train_and_evaluate(config, workdir)
   assert again["step"] == 3 and again["trained_steps"] == 0
@@ -100,3 +113,19 @@ def test_run_writes_metrics_checkpoint_and_resumes(tmp_path):
   config.allow_config_change = True
   more = train.train_and_evaluate(config, workdir)
   assert more["step"] == 5 and more["trained_steps"] == 2
+
+
+def test_validation_set_is_evaluated_and_selects_the_reported_evaluation(tmp_path):
+  config = test_config.get_config()
+  config.data.val_per_class = 4
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  evals = [json.loads(line) for line in open(tmp_path / "run" / train.EVAL_LOG)]
+  assert [e["step"] for e in evals] == [2, 3]
+  for e in evals:
+    val = e["validation"][e["reported"]]
+    assert len(val["per_class"]) == 10 and 0 <= val["balanced_acc"] <= 100
+    assert val["per_class"] != e[e["reported"]]["per_class"] or val["acc"] != e[e["reported"]]["acc"]
+  chosen = summary["selected_by_validation"]
+  best = max(range(2), key=lambda i: (evals[i]["validation"]["balanced"]["balanced_acc"], -i))
+  assert chosen["step"] == evals[best]["step"]
+  assert chosen["balanced_acc"] == evals[best]["balanced"]["balanced_acc"]

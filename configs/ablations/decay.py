@@ -14,7 +14,9 @@ steps) are derived from the base, so the same variants make sense for every base
   no_decay          bank.beta 1.0: stale entries never lose confidence     is the decay needed at all?
   beta_anneal       bank.beta linear 0.95 -> 0.999 over training          strong decay while features move,
                                                                             weak once they settle
-  decay_every_x4    bank.decay_every 4 d (digits 100, default 200)        decay interval
+  decay_every_x4    bank.decay_every 4 d (digits 100, default 200),       decay interval
+                    counted over the whole run where 4 d does not
+                    divide the epoch (bank.decay_clock global)
   ramp_reference    plce.ramp = the reference's epoch / steps_per_epoch    the reference formula (value capped so
                                                                             the ramp stays <= 1 on short bases)
   ramp_constant     plce.ramp constant 1: full mixing right after warm-up  is a ramp needed?
@@ -56,7 +58,10 @@ def get_sweep(arg=None):
       ("beta_0.95", {"bank.beta.value": 0.95}),
       ("no_decay", {"bank.beta.value": 1.0}),
       ("beta_anneal", {"bank.beta": {"kind": "linear", "value": 0.95, "end_value": 0.999, **whole_run}}),
-      ("decay_every_x4", {"bank.decay_every.value": 4.0 * interval}),
+      # Counted over the whole run where 4 d does not divide the epoch (digits: 100 > 50-step epochs), where the
+      # reference's per-epoch counter would never reach it.
+      ("decay_every_x4", {"bank.decay_every.value": 4.0 * interval,
+                          **({} if spe % (4 * interval) == 0 else {"bank.decay_clock": "global"})}),
       ("ramp_reference", {"plce.ramp": {"kind": "reference_ramp", "value": ramp_value, "warmup_steps": 0}}),
       ("ramp_constant", {"plce.ramp": {"kind": "constant", "value": 1.0, "warmup_steps": 0}}),
       ("threshold_step", {"ssl.threshold": {"kind": "step", "value": config.ssl.threshold.value, "rate": 0.95,
