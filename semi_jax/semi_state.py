@@ -35,6 +35,16 @@ class SemiState:
   label_counts: jnp.ndarray  # f32[C]: confident pseudo-labels per class, accumulated (class-frequency monitor)
   class_weight: jnp.ndarray  # f32[C]: per-class factor of the prototype-mixing weight, refreshed every epoch
   qbar: jnp.ndarray  # f32[D]: EMA centre of the consistency teacher
+  # Diagnostics, never read by the loss: per-class pseudo-label counts summed since the last evaluation
+  # (`train_step.pseudo_label_counts`). In the state so that a resumed run reports what an uninterrupted one does.
+  pseudo_counts: dict
+
+
+PSEUDO_COUNT_NAMES = ("true", "confident", "confident_known", "correct", "confident_of_true")
+
+
+def empty_pseudo_counts(num_classes: int) -> dict:
+  return {k: jnp.zeros((num_classes,), jnp.float32) for k in PSEUDO_COUNT_NAMES}
 
 
 def init(num_classes: int, feature_dim: int, bank_size: int) -> SemiState:
@@ -43,7 +53,8 @@ def init(num_classes: int, feature_dim: int, bank_size: int) -> SemiState:
       last_decay_step=jnp.zeros((), jnp.int32),
       label_counts=jnp.zeros((num_classes,), jnp.float32),
       class_weight=jnp.ones((num_classes,), jnp.float32),
-      qbar=jnp.zeros((feature_dim,), jnp.float32))
+      qbar=jnp.zeros((feature_dim,), jnp.float32),
+      pseudo_counts=empty_pseudo_counts(num_classes))
 
 
 def monitor_class_weight(counts, epoch, df, kind: str):

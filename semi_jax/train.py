@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from semi_jax import checkpointing, config_validation, cpu, datasets, files, input_pipeline, memory_bank, metrics
-from semi_jax import objective, sharding
+from semi_jax import objective, semi_state, sharding
 from semi_jax import train_step as steps
 from semi_jax.cpu import compiler_options
 from semi_jax.models import create_model
@@ -76,7 +76,7 @@ class Program:
 
   init_state(rng) -> state; init_carry() -> carry; train_step(state, carry, batch, rng) -> (state, carry),
   donating state and carry (`train_step.guarded_step`); reset_metrics(carry) -> carry with the metric sums
-  zeroed; reset_pseudo_counts(carry) -> carry with the per-class pseudo-label counts zeroed; eval_step(params, batch_stats, batch) -> sums. All are compiled with `compiler_options`.
+  zeroed; reset_pseudo_counts(state) -> state with the per-class pseudo-label counts zeroed; eval_step(params, batch_stats, batch) -> sums. All are compiled with `compiler_options`.
   """
   ctx: steps.StepContext
   cpu_fast_paths: bool
@@ -120,19 +120,19 @@ def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, pla
   # The metric names are those the step returns, known once it is traced.
   out_shape = jax.eval_shape(functools.partial(steps.train_step, ctx=ctx), jax.eval_shape(init_state,
                              jax.random.key(0)), batch_spec(config, mesh), jax.random.key(0))[1]
-  metrics_cls = metrics.train_metrics_collection([k for k in out_shape if not k.startswith(steps.PSEUDO_COUNTS)])
+  metrics_cls = metrics.train_metrics_collection(out_shape)
   loss_keys = tuple(k for k in sorted(out_shape) if k.startswith("loss"))
   step = functools.partial(steps.guarded_step, ctx=ctx, metrics_cls=metrics_cls,
                            skip_nonfinite=config.train.skip_nonfinite_steps)
   return Program(
       ctx=ctx, cpu_fast_paths=fast, compiler_options=options, metrics_cls=metrics_cls, loss_keys=loss_keys,
       init_state=init_state,
-      init_carry=jit(functools.partial(steps.init_carry, metrics_cls, loss_keys, num_classes), out_shardings=repl),
+      init_carry=jit(functools.partial(steps.init_carry, metrics_cls, loss_keys), out_shardings=repl),
       train_step=jit(step, donate_argnums=(0, 1), out_shardings=(repl, repl)),
       reset_metrics=jit(lambda carry: {**carry, "metrics": metrics_cls.empty()}, donate_argnums=0,
                         out_shardings=repl),
-      reset_pseudo_counts=jit(lambda carry: {**carry, "pseudo": steps.empty_pseudo_counts(num_classes)},
-                              donate_argnums=0, out_shardings=repl),
+      reset_pseudo_counts=jit(lambda state: state.replace(semi=state.semi.replace(
+          pseudo_counts=semi_state.empty_pseudo_counts(num_classes))), donate_argnums=0, out_shardings=repl),
       eval_step=jit(functools.partial(steps.eval_step, ctx=ctx), out_shardings=repl))
 
 
@@ -316,8 +316,8 @@ class Trainer:
         if done % t.eval_every_steps == 0 or done == t.total_steps:
           result = self.evaluate()
           # Pseudo-label quality since the previous evaluation (one read of the on-device sums).
-          result["pseudo_labels"] = metrics.pseudo_label_summary(jax.device_get(carry["pseudo"]))
-          carry = self.program.reset_pseudo_counts(carry)
+          result["pseudo_labels"] = metrics.pseudo_label_summary(jax.device_get(self.state.semi.pseudo_counts))
+          self.state = self.program.reset_pseudo_counts(self.state)  # before a save at this step: resume-exact
           self._write_eval(writer, done, result)
         if stop or done % t.checkpoint_every_steps == 0 or done == t.total_steps:
           self._check_guard(carry["guard"])  # never save a state reached through a non-finite step

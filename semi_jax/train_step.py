@@ -87,12 +87,10 @@ def compute_gradients(state: TrainState, batch, rng, ctx: StepContext):
   return grads, batch_stats, metrics, aux
 
 
-PSEUDO_COUNTS = "pseudo_counts/"  # prefix of the per-class count vectors among a step's metrics
-
-
 def pseudo_label_counts(target, mask, u_label, num_classes: int) -> dict:
   """Per-class counts of one step's confident pseudo-labels (`target` where `mask`) against the unlabeled data's
-  true labels (`u_label`, -1 where unknown): diagnostics, never in the loss. f32[C] each:
+  true labels (`u_label`, -1 where unknown): diagnostics, never in the loss, summed in
+  `SemiState.pseudo_counts`. f32[C] each (`semi_state.PSEUDO_COUNT_NAMES`):
   true (known labels of class c), confident (confident pseudo-labels of class c, known or not), confident_known
   (the same among known labels), correct (confident, class c and right), confident_of_true (true class c and
   confident)."""
@@ -105,8 +103,7 @@ def pseudo_label_counts(target, mask, u_label, num_classes: int) -> dict:
 
 
 def train_step(state: TrainState, batch, rng, ctx: StepContext):
-  """One optimisation step: (new state, metrics of the step). The metrics are scalars, except the per-class
-  pseudo-label counts under the `PSEUDO_COUNTS` prefix."""
+  """One optimisation step: (new state, metrics of the step)."""
   cfg = ctx.config
   grads, batch_stats, metrics, aux = compute_gradients(state, batch, rng, ctx)
 
@@ -119,23 +116,17 @@ def train_step(state: TrainState, batch, rng, ctx: StepContext):
   lr = cfg.optim.lr * schedules.of_run(cfg.optim.lr_schedule, cfg)(state.step)
   metrics.update(semi_metrics, grad_norm=optax.global_norm(grads), lr=lr)
   counts = pseudo_label_counts(aux.target, aux.mask, batch["u_label"], state.semi.label_counts.shape[0])
-  metrics.update({PSEUDO_COUNTS + k: v for k, v in counts.items()})
+  semi = semi.replace(pseudo_counts={k: v + counts[k] for k, v in semi.pseudo_counts.items()})
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                             ema_params=ema_params, semi=semi)
   return new_state, metrics
 
 
-def init_carry(metrics_cls, loss_keys, num_classes: int):
-  """What `guarded_step` carries from step to step: the divergence guard, the accumulated metrics and the summed
-  per-class pseudo-label counts (`pseudo_label_counts`, reset at every evaluation)."""
+def init_carry(metrics_cls, loss_keys):
+  """What `guarded_step` carries from step to step: the divergence guard and the accumulated metrics."""
   return {"guard": {"first_bad_step": jnp.array(-1, jnp.int32), "skipped": jnp.array(0, jnp.int32),
                     "terms": {k: jnp.array(0.0, jnp.float32) for k in loss_keys}},
-          "metrics": metrics_cls.empty(), "pseudo": empty_pseudo_counts(num_classes)}
-
-
-def empty_pseudo_counts(num_classes: int) -> dict:
-  names = ("true", "confident", "confident_known", "correct", "confident_of_true")
-  return {k: jnp.zeros((num_classes,), jnp.float32) for k in names}
+          "metrics": metrics_cls.empty()}
 
 
 def guarded_step(state: TrainState, carry, batch, rng, ctx: StepContext, metrics_cls, skip_nonfinite: bool):
@@ -146,7 +137,6 @@ def guarded_step(state: TrainState, carry, batch, rng, ctx: StepContext, metrics
   the schedules follow the step count, not the updates) and leaves the metric averages.
   """
   new_state, out = train_step(state, batch, rng, ctx)
-  counts = {k[len(PSEUDO_COUNTS):]: out.pop(k) for k in [k for k in out if k.startswith(PSEUDO_COUNTS)]}
   guard = carry["guard"]
   finite = jnp.isfinite(out["loss"]) & jnp.isfinite(out["grad_norm"])
   first = (guard["first_bad_step"] < 0) & ~finite
@@ -161,9 +151,7 @@ def guarded_step(state: TrainState, carry, batch, rng, ctx: StepContext, metrics
         **{k: jnp.where(finite, v, 0.0)[None] for k, v in out.items()}, mask=finite[None])
   else:
     step_metrics = metrics_cls.single_from_model_output(**out)
-  keep = finite if skip_nonfinite else True  # a skipped step's pseudo-labels are not counted either
-  pseudo = {k: v + jnp.where(keep, counts[k], 0.0) for k, v in carry["pseudo"].items()}
-  return new_state, {"guard": guard, "metrics": carry["metrics"].merge(step_metrics), "pseudo": pseudo}
+  return new_state, {"guard": guard, "metrics": carry["metrics"].merge(step_metrics)}
 
 
 def eval_step(params, batch_stats, batch, ctx: StepContext):
