@@ -116,6 +116,8 @@ def test_selection_by_validation_never_looks_at_the_test_set(tmp_path):
   assert row["val_selected_balanced_acc_mean"] == 55.0 and row["final_balanced_acc_mean"] == 70.0
   assert metrics.select_by_validation(records) == 1
   assert metrics.select_by_validation(records[:1] + [_record(8, 90.0)]) is None  # one record without validation
+  records[2]["validation"]["balanced"]["balanced_acc"] = 80.0  # a tie: the later evaluation wins
+  assert metrics.select_by_validation(records) == 2
 
 
 def test_last_n_longer_than_the_run_averages_every_evaluation(two_variants):

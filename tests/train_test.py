@@ -126,6 +126,6 @@ def test_validation_set_is_evaluated_and_selects_the_reported_evaluation(tmp_pat
     assert len(val["per_class"]) == 10 and 0 <= val["balanced_acc"] <= 100
     assert val["per_class"] != e[e["reported"]]["per_class"] or val["acc"] != e[e["reported"]]["acc"]
   chosen = summary["selected_by_validation"]
-  best = max(range(2), key=lambda i: (evals[i]["validation"]["balanced"]["balanced_acc"], -i))
+  best = max(range(2), key=lambda i: (evals[i]["validation"]["balanced"]["balanced_acc"], i))  # ties: the later
   assert chosen["step"] == evals[best]["step"]
   assert chosen["balanced_acc"] == evals[best]["balanced"]["balanced_acc"]
