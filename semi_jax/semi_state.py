@@ -81,8 +81,9 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
 
   - bank (bank.enabled): both strong views' features enter as candidates with the confidence and class of their
     weak view's pseudo-label, where it is confident; every `bank.decay_every` steps (on `bank.decay_clock`,
-    `decay_due`) the entries not written since the last decay lose confidence (x `bank.beta`). `gather` places the candidates on every device before the
-    push (the bank is replicated), so each device updates its copy locally.
+    `decay_due`) the entries not written since the last decay lose confidence (x `bank.beta`). `gather` places
+    the candidates on every device before the push (the bank is replicated), so each device updates its copy
+    locally.
   - monitor: confident pseudo-labels counted per class; at the last step of every epoch the prototype-mixing
     class weight is recomputed from the counts (of the whole run, or of that epoch: `plce.class_weight_counts`).
   - consistency centre (cons.enabled, after the warm-up): qbar <- m qbar + (1 - m) mean(teacher).

@@ -76,7 +76,8 @@ class Program:
 
   init_state(rng) -> state; init_carry() -> carry; train_step(state, carry, batch, rng) -> (state, carry),
   donating state and carry (`train_step.guarded_step`); reset_metrics(carry) -> carry with the metric sums
-  zeroed; reset_pseudo_counts(state) -> state with the per-class pseudo-label counts zeroed; eval_step(params, batch_stats, batch) -> sums. All are compiled with `compiler_options`.
+  zeroed; reset_pseudo_counts(state) -> state with the per-class pseudo-label counts zeroed;
+  eval_step(params, batch_stats, batch) -> sums. All are compiled with `compiler_options`.
   """
   ctx: steps.StepContext
   cpu_fast_paths: bool
@@ -254,7 +255,8 @@ class Trainer:
         scalars[f"bank/fill_{c:03d}"] = fill[c]
         scalars[f"bank/confidence_{c:03d}"] = conf[c]
     writer.write_scalars(step, scalars)
-    writer.write_images(step, {"eval/confusion_matrix": metrics.confusion_image(result["confusion"][result["reported"]])[None],
+    confusion = result["confusion"][result["reported"]]
+    writer.write_images(step, {"eval/confusion_matrix": metrics.confusion_image(confusion)[None],
                                "eval/per_class_accuracy": metrics.bar_image(head["per_class"])[None]})
     if self.is_lead:
       record = {"step": step, "reported": result["reported"], "loss_b": result["loss_b"],

@@ -99,8 +99,8 @@ def test_mean_std_over_seeds_by_hand(two_variants):
   md = open(written["md"]).read()
   # No validation set in these runs: nothing selected, never the best test evaluation.
   assert math.isnan(float(ref["val_selected_balanced_acc_mean"]))
-  assert "| ref | 2 | 6 | 65.00 ± 7.07 | n/a | 65.75 ± 6.72 | 85.00 ± 7.07 | 45.00 ± 7.07 | 20.00 ± 14.14 | n/a |" \
-      in md, md
+  row = "| ref | 2 | 6 | 65.00 ± 7.07 | n/a | 65.75 ± 6.72 | 85.00 ± 7.07 | 45.00 ± 7.07 | 20.00 ± 14.14 | n/a |"
+  assert row in md, md
   assert "| beta | 1 | 6 | 45.00 | n/a | 42.50 |" in md and "| -20.00 |" in md
   assert "last-2 bal. acc" in md
 
