@@ -2,7 +2,8 @@
 
   python -m semi_jax.report --workdir=DIR [--last_n=5]
 
-Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes
+Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes (the
+paired columns compare each variant seed by seed with the first one, see `paired_difference`)
   DIR/report.csv, DIR/report.md  one row per variant: final, at-best-validation and mean-of-the-last-N balanced
                                  accuracy and the final many/medium/few and top-1 accuracy, geometric mean of
                                  the per-class recalls (gm) and macro F1 of the reported head, each as mean
@@ -10,6 +11,7 @@ Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_v
   DIR/balanced_acc.png           test balanced accuracy vs step, mean over seeds (band: +- std);
   DIR/bank.png                   memory-bank mean confidence and fill vs step (averaged over classes);
   DIR/per_class.png              final per-class accuracy per variant (error bars: std over seeds);
+  DIR/paired.png                 each variant's paired difference from the reference with its 95 % interval;
   DIR/pseudo_labels.png          per-class pseudo-label precision, recall, mask rate and estimated vs true
                                  unlabeled class distribution over the last evaluation interval;
   DIR/schedules.png              the swept schedules of every variant vs step (when any schedule is swept).
@@ -40,7 +42,7 @@ from semi_jax import files, metrics, schedules, sweep
 EVAL_LOG = "eval.jsonl"  # written by semi_jax.train, one record per evaluation
 CSV_FILE, MD_FILE = "report.csv", "report.md"
 PLOTS = {"balanced_acc": "balanced_acc.png", "bank": "bank.png", "per_class": "per_class.png",
-         "pseudo_labels": "pseudo_labels.png", "schedules": "schedules.png"}
+         "paired": "paired.png", "pseudo_labels": "pseudo_labels.png", "schedules": "schedules.png"}
 # Per-variant statistics (CSV columns <name>_mean, <name>_std); per-seed values from seed_metrics.
 METRICS = ("final_balanced_acc", "val_selected_balanced_acc", "last_n_balanced_acc", "acc_many", "acc_medium",
            "acc_few", "acc", "gm", "macro_f1", "pl_macro_precision", "pl_macro_recall", "pl_tv_distance")
@@ -144,13 +146,46 @@ def group_by_variant(runs: Sequence[SeedRun]) -> dict[str, list[SeedRun]]:
   return groups
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: a series in 1/df around 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+  """The 97.5 % quantile of Student's t with `df` degrees of freedom (a 95 % two-sided interval)."""
+  if df < 1:
+    return float("nan")
+  if df <= len(_T975):
+    return _T975[df - 1]
+  z = 1.959964
+  return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> dict:
+  """Seed-by-seed comparison of a variant with the reference (runs of one seed share the split and the input
+  stream): over the seeds both have, the mean difference with a 95 % t-interval (nan for one seed), the number
+  of seeds in which the variant is better, and whether the interval excludes 0."""
+  seeds = sorted(set(values) & set(reference))
+  d = np.array([values[s] - reference[s] for s in seeds], np.float64)
+  d = d[np.isfinite(d)]
+  n = d.size
+  mean = float(d.mean()) if n else float("nan")
+  half = t_quantile_975(n - 1) * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+  low, high = mean - half, mean + half
+  return {"paired_n": n, "paired_mean": mean, "paired_ci_low": low, "paired_ci_high": high,
+          "paired_wins": int((d > 0).sum()), "paired_excludes_0": bool(n > 1 and (low > 0 or high < 0))}
+
+
 def summarize(runs: Sequence[SeedRun], last_n: int = 5) -> list[dict]:
-  """One row per variant: seeds, finished runs, steps (the least advanced seed), mean/std of each metric."""
+  """One row per variant: seeds, finished runs, steps (the least advanced seed), mean/std of each metric, and
+  the paired comparison with the first variant (`paired_difference`) of the test balanced accuracy at the best
+  validation evaluation where every run has a validation set, else of the final one (`paired_metric`)."""
   if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
     raise ValueError(f"last_n={last_n!r} is invalid; give the number of final evaluations to average (>= 1).")
-  rows = []
+  rows, by_seed = [], []
   for variant, group in group_by_variant(runs).items():
     per_seed = [seed_metrics(r.evals, last_n) for r in group]
+    by_seed.append({r.seed: m for r, m in zip(group, per_seed)})
     row = {"variant": variant, "seeds": len(group),
            "finished": sum(r.summary is not None and r.summary.get("step") == r.evals[-1]["step"] for r in group),
            "steps": min(m["step"] for m in per_seed)}
@@ -162,6 +197,12 @@ def summarize(runs: Sequence[SeedRun], last_n: int = 5) -> list[dict]:
     ref = rows[0]["final_balanced_acc_mean"]
     for row in rows:  # difference to the first variant of the sweep (its reference)
       row["final_delta"] = row["final_balanced_acc_mean"] - ref
+    selected = all(np.isfinite(m["val_selected_balanced_acc"]) for seeds in by_seed for m in seeds.values())
+    metric = "val_selected_balanced_acc" if selected else "final_balanced_acc"
+    reference = {s: m[metric] for s, m in by_seed[0].items()}
+    for row, seeds in zip(rows, by_seed):
+      row["paired_metric"] = metric
+      row.update(paired_difference({s: m[metric] for s, m in seeds.items()}, reference))
   return rows
 
 
@@ -210,7 +251,9 @@ def describe_overrides(run: SeedRun) -> str:
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
   columns = ["variant", "seeds", "finished", "steps"]
-  columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["final_delta", "overrides"]
+  columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["final_delta"]
+  columns += ["paired_metric", "paired_n", "paired_mean", "paired_ci_low", "paired_ci_high", "paired_wins",
+              "paired_excludes_0", "overrides"]
   buffer = io.StringIO()  # then one atomic write through semi_jax.files (the directory may be on gs://)
   writer = csv.DictWriter(buffer, fieldnames=columns)
   writer.writeheader()
@@ -225,23 +268,38 @@ def _pm(mean: float, std: float) -> str:
   return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _paired_cell(row: dict) -> str:
+  if not row["paired_n"]:
+    return "n/a"
+  if math.isnan(row["paired_ci_low"]):
+    return f"{row['paired_mean']:+.2f}"
+  mark = " *" if row["paired_excludes_0"] else ""
+  return f"{row['paired_mean']:+.2f} [{row['paired_ci_low']:+.2f}, {row['paired_ci_high']:+.2f}]{mark}"
+
+
 def markdown(rows: Sequence[dict], last_n: int, plots: Sequence[str], pending: Sequence[str] = ()) -> str:
   header = ["variant", "seeds", "steps"] + [label or f"last-{last_n} bal. acc" for label in MD_METRICS.values()]
-  header += ["Δ final", "overrides"]
+  header += ["Δ final", "paired Δ (95% CI)", "wins", "overrides"]
+  selected = bool(rows) and rows[0]["paired_metric"] == "val_selected_balanced_acc"
+  paired = "the test balanced accuracy at the best validation evaluation" if selected else "the final balanced accuracy"
   lines = ["# Ablation report", "",
            f"Balanced top-1 accuracy (%) of the reported head on the test set, mean ± std over seeds (ddof=1). "
            "'at best val.' is the test accuracy of the evaluation with the best validation balanced accuracy "
            "(n/a without data.val_per_class; nothing is selected on the test set). "
            f"'last-{last_n}' averages each seed's last {last_n} evaluations; many/medium/few and GM (geometric "
            "mean of per-class recall) are final; "
-           f"Δ final is relative to {rows[0]['variant'] if rows else 'the first variant'}. 'steps' is the step "
+           f"Δ final is relative to {rows[0]['variant'] if rows else 'the first variant'}. 'paired Δ' is the mean "
+           f"seed-by-seed difference from it (runs of one seed share the split and the input stream) of {paired}, "
+           "with a 95 % t-interval over seeds; * marks an interval that excludes 0; 'wins' counts the seeds in "
+           "which the variant is better. 'steps' is the step "
            "of the least advanced seed; seeds marked * have not finished.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
     seeds = f"{r['seeds']}" + ("" if r["finished"] == r["seeds"] else f" ({r['seeds'] - r['finished']}*)")
     cells = [r["variant"], seeds, str(r["steps"])]
     cells += [_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in MD_METRICS]
-    cells += [f"{r['final_delta']:+.2f}", r["overrides"].replace("|", "/")]
+    paired = ["(reference)", "-"] if r is rows[0] else [_paired_cell(r), f"{r['paired_wins']}/{r['paired_n']}"]
+    cells += [f"{r['final_delta']:+.2f}", *paired, r["overrides"].replace("|", "/")]
     lines.append("| " + " | ".join(cells) + " |")
   if pending:
     lines += ["", "No evaluation yet: " + ", ".join(pending) + "."]
@@ -314,6 +372,32 @@ def plot_per_class(groups: dict[str, list[SeedRun]], path: str) -> None:
   ax.set_xticks(x if num_classes <= 40 else x[::max(num_classes // 20, 1)])
   ax.legend(fontsize=7, ncol=min(len(groups), 4))
   _save(fig, path)
+
+
+def plot_paired(rows: Sequence[dict], path: str) -> bool:
+  """Every variant's mean paired difference from the reference with its 95 % interval (a dot alone for one
+  seed), a line at 0. False (nothing written) when there is no variant besides the reference."""
+  others = [r for r in rows[1:] if r["paired_n"]]
+  if not others:
+    return False
+  fig = Figure(figsize=(8.0, 1.2 + 0.4 * len(others)))
+  ax = fig.subplots()
+  y = np.arange(len(others))[::-1]
+  means = np.array([r["paired_mean"] for r in others])
+  low = np.array([r["paired_ci_low"] for r in others])
+  high = np.array([r["paired_ci_high"] for r in others])
+  err = np.where(np.isnan(low), 0.0, np.stack([means - low, high - means]))
+  for i, r in enumerate(others):
+    color = "tab:red" if r["paired_excludes_0"] else "tab:blue"
+    ax.errorbar(means[i], y[i], xerr=err[:, i:i + 1], fmt="o", color=color, capsize=3)
+  ax.axvline(0.0, color="black", linewidth=0.8)
+  ax.set_yticks(y, [f"{r['variant']} ({r['paired_wins']}/{r['paired_n']})" for r in others], fontsize=8)
+  what = "at best val." if rows[0]["paired_metric"] == "val_selected_balanced_acc" else "final"
+  ax.set(title=f"Paired Δ from {rows[0]['variant']}, test bal. acc {what} (95 % CI; red: excludes 0)",
+         xlabel="difference (points); in brackets: seeds better / seeds")
+  ax.title.set_fontsize(9)
+  _save(fig, path)
+  return True
 
 
 def plot_pseudo_labels(groups: dict[str, list[SeedRun]], path: str) -> bool:
@@ -406,6 +490,8 @@ def make_report(workdir: str, last_n: int = 5) -> dict[str, str]:
                       ("Memory bank: fill", "filled fraction", _bank_mean("bank_fill"))])
   plot_per_class(groups, files.join(workdir, PLOTS["per_class"]))
   names = ["balanced_acc", "bank", "per_class"]
+  if plot_paired(rows, files.join(workdir, PLOTS["paired"])):
+    names.append("paired")
   if plot_pseudo_labels(groups, files.join(workdir, PLOTS["pseudo_labels"])):
     names.append("pseudo_labels")
   if plot_schedules(groups, files.join(workdir, PLOTS["schedules"])):

@@ -246,3 +246,45 @@ def test_pseudo_label_columns_and_plot(tmp_path):
   assert written["pseudo_labels"].endswith(report.PLOTS["pseudo_labels"])
   assert files.read_bytes(written["pseudo_labels"])[:8] == b"\x89PNG\r\n\x1a\n"
   assert f"]({report.PLOTS['pseudo_labels']})" in files.read_text(written["md"])
+
+
+def test_paired_statistics_by_hand(tmp_path):
+  """Final balanced accuracies of three seeds; 'b' differs from 'ref' by +2.3, -0.3, +6.7 and 'c' by +3, +4, +5.
+  b: mean 2.9, sample sd sqrt(12.52), t(0.975, 2) = 4.303 -> 2.9 -+ 4.303 * sqrt(12.52 / 3), two wins, the
+  interval holds 0. c: 4 -+ 4.303 / sqrt(3), excludes 0."""
+  d = str(tmp_path)
+  ref, b, c = [90.0, 92.0, 94.0], [92.3, 91.7, 100.7], [93.0, 96.0, 99.0]
+  for index, (name, values) in enumerate((("ref", ref), ("b", b), ("c", c))):
+    for seed, v in enumerate(values):
+      _write_run(d, name, seed, [_record(2, 10.0), _record(4, v)], index=index)
+  rows = {r["variant"]: r for r in report.summarize(report.load_runs(d), last_n=1)}
+  half_b = 4.303 * math.sqrt(12.52 / 3)
+  assert rows["b"]["paired_metric"] == "final_balanced_acc"  # no validation set in these runs
+  assert (rows["b"]["paired_n"], rows["b"]["paired_wins"]) == (3, 2)
+  assert rows["b"]["paired_mean"] == pytest.approx(2.9)
+  assert (rows["b"]["paired_ci_low"], rows["b"]["paired_ci_high"]) == pytest.approx((2.9 - half_b, 2.9 + half_b))
+  assert not rows["b"]["paired_excludes_0"]
+  half_c = 4.303 / math.sqrt(3)
+  assert (rows["c"]["paired_ci_low"], rows["c"]["paired_ci_high"]) == pytest.approx((4 - half_c, 4 + half_c))
+  assert rows["c"]["paired_excludes_0"] and rows["c"]["paired_wins"] == 3
+  assert rows["ref"]["paired_mean"] == 0.0 and not rows["ref"]["paired_excludes_0"]
+  written = report.make_report(d, last_n=1)
+  md = files.read_text(written["md"])
+  assert f"| +4.00 [{4 - half_c:+.2f}, {4 + half_c:+.2f}] * | 3/3 |" in md, md
+  assert f"| +2.90 [{2.9 - half_b:+.2f}, {2.9 + half_b:+.2f}] | 2/3 |" in md
+  assert files.read_bytes(written["paired"])[:8] == PNG_SIGNATURE
+  assert report.t_quantile_975(40) == pytest.approx(2.0211, abs=2e-4)  # beyond the table
+  assert report.t_quantile_975(30) == 2.042
+
+
+def test_paired_statistics_use_the_validation_selection_when_every_run_has_one(tmp_path):
+  d = str(tmp_path)
+  for index, (name, tests) in enumerate((("ref", (80.0, 90.0)), ("b", (85.0, 70.0)))):
+    records = [_record(2, tests[0]), _record(4, tests[1])]
+    for r, val in zip(records, (60.0, 50.0) if name == "b" else (40.0, 50.0)):
+      r["validation"] = {"balanced": {"balanced_acc": val}, "standard": {"balanced_acc": 0.0}}
+    _write_run(d, name, 0, records, index=index)
+  rows = {r["variant"]: r for r in report.summarize(report.load_runs(d), last_n=1)}
+  # ref selected at step 4 (val 50): 90; b at step 2 (val 60): 85 -> -5 (the final accuracies would give -20).
+  assert rows["b"]["paired_metric"] == "val_selected_balanced_acc" and rows["b"]["paired_mean"] == -5.0
+  assert math.isnan(rows["b"]["paired_ci_low"])  # one seed: no interval
