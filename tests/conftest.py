@@ -20,3 +20,17 @@ jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.environ.get("TMPDIR", "/tmp"), "semi_jax_test_jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def ram_dir():
+  """A fresh directory on TF's in-memory ram:// file system (a stand-in for gs:// offline), removed afterwards."""
+  from semi_jax import files
+  path = f"ram://semi-jax-{uuid.uuid4().hex}"
+  yield path
+  if files.exists(path):
+    files._gfile().rmtree(path)

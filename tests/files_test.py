@@ -2,7 +2,6 @@
 import ast
 import json
 import os
-import uuid
 
 import pytest
 import tensorflow as tf
@@ -14,15 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(params=["local", "ram"])
 def root(request, tmp_path):
-  """An empty directory: under tmp_path, or a fresh ram:// one (removed afterwards)."""
-  if request.param == "local":
-    yield str(tmp_path / "root")
-    return
-  path = f"ram://files-{uuid.uuid4().hex}"
-  yield path
-  gfile = files._gfile()
-  if gfile.exists(path):
-    gfile.rmtree(path)
+  """An empty directory: under tmp_path, or a fresh ram:// one (conftest's ram_dir, removed afterwards)."""
+  return str(tmp_path / "root") if request.param == "local" else request.getfixturevalue("ram_dir")
 
 
 def test_is_remote():

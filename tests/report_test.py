@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
@@ -60,15 +59,6 @@ def _write_two_variants(d):
   _write_run(d, "beta", 0, [_record(2, 40.0), _record(6, 45.0, many=60.0, medium=30.0, few=0.0, acc=50.0)],
              index=1, overrides={"bank.beta": {"kind": "linear", "value": 0.95, "end_value": 0.999}})
   return d
-
-
-@pytest.fixture
-def ram_sweep():
-  """A sweep directory on TF's in-memory ram:// file system (a stand-in for gs://), removed afterwards."""
-  path = f"ram://sweep-{uuid.uuid4().hex}"
-  yield path
-  if files.exists(path):
-    files._gfile().rmtree(path)
 
 
 def _read_csv(path):
@@ -135,17 +125,17 @@ def test_plots_are_png_files(two_variants):
   assert all(f"]({report.PLOTS[n]})" in md for n in ("balanced_acc", "bank", "per_class", "schedules"))
 
 
-def test_report_of_a_sweep_on_ram_equals_the_local_one(two_variants, ram_sweep):
-  written = report.make_report(_write_two_variants(ram_sweep), last_n=2)
+def test_report_of_a_sweep_on_ram_equals_the_local_one(two_variants, ram_dir):
+  written = report.make_report(_write_two_variants(ram_dir), last_n=2)
   local = report.make_report(two_variants, last_n=2)
-  assert set(written) == set(local) and all(p.startswith(ram_sweep + "/") for p in written.values())
+  assert set(written) == set(local) and all(p.startswith(ram_dir + "/") for p in written.values())
   assert _read_csv(written["csv"]) == _read_csv(local["csv"])
   assert files.read_text(written["md"]) == files.read_text(local["md"])
   for name in ("balanced_acc", "bank", "per_class", "schedules"):
     data = files.read_bytes(written[name])
     assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
   plots = [p for n, p in report.PLOTS.items() if n != "pseudo_labels"]  # these runs recorded no pseudo-labels
-  assert sorted(files.listdir(ram_sweep)) == sorted(["beta", "ref", report.CSV_FILE, report.MD_FILE,
+  assert sorted(files.listdir(ram_dir)) == sorted(["beta", "ref", report.CSV_FILE, report.MD_FILE,
                                                      *plots])  # no temporary file left
 
 

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import types
-import uuid
 
 from absl import flags
 from ml_collections import config_flags
@@ -220,18 +219,9 @@ def test_workdir_of_another_variant_is_refused(tmp_path, monkeypatch):
     sweep.run_sweep(runs, log=lambda s: None)
 
 
-@pytest.fixture
-def ram_root():
-  """A sweep directory on TF's in-memory ram:// file system (a stand-in for gs://), removed afterwards."""
-  path = f"ram://sweep-{uuid.uuid4().hex}"
-  yield path
-  if files.exists(path):
-    files._gfile().rmtree(path)
-
-
-def test_bookkeeping_of_a_sweep_on_ram(tmp_path, monkeypatch, ram_root):
-  runs = sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 3}), ("b", {"bank.size": 5})]), ram_root)
-  assert [r.workdir for r in runs] == [f"{ram_root}/a/seed_0", f"{ram_root}/b/seed_0"]
+def test_bookkeeping_of_a_sweep_on_ram(tmp_path, monkeypatch, ram_dir):
+  runs = sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 3}), ("b", {"bank.size": 5})]), ram_dir)
+  assert [r.workdir for r in runs] == [f"{ram_dir}/a/seed_0", f"{ram_dir}/b/seed_0"]
   total = runs[0].config.train.total_steps
   files.makedirs(runs[0].workdir)  # 'a' finished before (launched by hand: no variant file)
   files.write_json_atomic(files.join(runs[0].workdir, sweep.SUMMARY), {"step": total})
@@ -255,7 +245,7 @@ def test_bookkeeping_of_a_sweep_on_ram(tmp_path, monkeypatch, ram_root):
     assert files.listdir(run.workdir) == [sweep.SUMMARY, sweep.VARIANT_FILE]  # no temporary file left
   assert [r["status"] for r in sweep.run_sweep(runs, log=lambda s: None)] == ["skipped", "skipped"]
   assert trained == [runs[1].workdir]
-  other = sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 4})]), ram_root)
+  other = sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 4})]), ram_dir)
   with pytest.raises(ValueError, match=r"holds a run of variant 'a' seed 0 with overrides \{'bank.size': 3\}"):
     sweep.check_workdirs(other)
 
@@ -275,13 +265,13 @@ def test_a_preempted_run_stops_the_sweep(tmp_path, monkeypatch):
   assert "Rerun the same command to continue the sweep" in messages[-1]
 
 
-def test_print_commands_write_the_variant_files_on_ram(tmp_path, capsys, ram_root):
+def test_print_commands_write_the_variant_files_on_ram(tmp_path, capsys, ram_dir):
   path = _write_sweep_file(tmp_path, [("a", {}), ("b", {"bank.size": 5})], seeds="(0, 1)")
-  flag_values = types.SimpleNamespace(config=path, workdir=ram_root, seeds=None, only=None, print_commands=True)
+  flag_values = types.SimpleNamespace(config=path, workdir=ram_dir, seeds=None, only=None, print_commands=True)
   sweep.main(["sweep"], flag_values)
   assert len(capsys.readouterr().out.strip().splitlines()) == 4
-  assert files.listdir(ram_root) == ["a", "b"] and files.listdir(f"{ram_root}/b") == ["seed_0", "seed_1"]
-  meta = files.read_json(f"{ram_root}/b/seed_1/{sweep.VARIANT_FILE}")
+  assert files.listdir(ram_dir) == ["a", "b"] and files.listdir(f"{ram_dir}/b") == ["seed_0", "seed_1"]
+  meta = files.read_json(f"{ram_dir}/b/seed_1/{sweep.VARIANT_FILE}")
   assert (meta["name"], meta["seed"], meta["overrides"]) == ("b", 1, {"bank.size": 5})
 
 
