@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import json
 import os
 import platform
 import re
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semi_jax import config_files, cpu, datasets, memory_bank, sharding, startup, train
+from semi_jax import config_files, cpu, datasets, files, memory_bank, sharding, startup, train
 from semi_jax.cpu import malloc
 
 # (num_classes, bank size K, candidates N) of CIFAR-10, CIFAR-100 and ImageNet-127 (N = 2 strong views x U).
@@ -466,8 +465,7 @@ def main(argv=None) -> None:
   except ValueError as e:
     raise SystemExit(f"semi_jax.tools.bench: {e}") from None
   print(format_report(result))
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  files.write_json_atomic(args.out, result)
   print(f"\nwrote {args.out}")
 
 

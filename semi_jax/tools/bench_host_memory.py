@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from semi_jax import files  # light: os and json only
+
 IMAGENET127_TRAIN, IMAGENET127_TEST, IMAGENET127_CLASSES = 1_281_167, 50_000, 127
 TAIL_RATIO = 286.0  # ImageNet-127's largest over smallest training class
 _RESULT = "RESULT "  # prefix of a worker's JSON line on stdout
@@ -262,8 +264,7 @@ def main(argv=None) -> None:
     for r in results[count]:
       print(format_process(r), flush=True)
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump({str(k): v for k, v in results.items()}, f, indent=1)
+    files.write_json_atomic(args.out, {str(k): v for k, v in results.items()})
 
 
 if __name__ == "__main__":

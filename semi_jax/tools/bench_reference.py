@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from semi_jax import files  # light: os and json only
+
 OURS = "semi_jax"
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_worker.py")
 READY, MS = "@ready", "@ms"
@@ -188,8 +190,7 @@ def main(argv=None) -> None:
   result.update(times_ms=times, info={name: w.info for name, w in workers.items()}, host=platform.platform(),
                 cpu_count=os.cpu_count())
   print(format_report(result))
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  files.write_json_atomic(args.out, result)
   print(f"\nwrote {args.out}")
 
 
