@@ -78,7 +78,7 @@ PSEUDO_SCALARS = ("tv_distance", "macro_precision", "macro_recall", "mask_rate_a
 
 
 def pseudo_label_summary(counts: dict) -> dict:
-  """Pseudo-label quality from summed per-class counts (`train_step.pseudo_label_counts`), fractions in [0, 1]:
+  """Pseudo-label quality from summed per-class counts (`semi_state.pseudo_label_counts`), fractions in [0, 1]:
   per class precision (correct / confident among known labels), recall (correct / true), mask rate (confident /
   true); `estimated` (the class distribution of the confident pseudo-labels) and `true` (of the known labels of
   the unlabeled data), their total-variation distance, macro precision/recall over the classes where defined,

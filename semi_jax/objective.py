@@ -67,6 +67,7 @@ class Aux(NamedTuple):
   f_strong: tuple[jax.Array, jax.Array]  # f(u_s), f(u_s'): the bank's candidates
   teacher_mean: jax.Array  # f32[D] batch mean of the consistency teacher (zeros without Lcons)
   after_warmup: jax.Array  # bool[]
+  u_label: jax.Array  # int32[U] true labels of the unlabeled rows, -1 where unknown (diagnostics only)
 
 
 def interleave_rows(x, groups):
@@ -220,5 +221,5 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
       mask_rate_ss=jnp.mean(mask_ss.astype(jnp.float32)), threshold=threshold,
       pseudo_label_acc=_masked_mean(correct, known & mask_ss), pseudo_label_acc_all=_masked_mean(correct, known))
   aux = Aux(conf=conf, target=target, mask=mask_ss, f_strong=(feats.u_strong1, feats.u_strong2),
-            teacher_mean=teacher_mean, after_warmup=after_warmup)
+            teacher_mean=teacher_mean, after_warmup=after_warmup, u_label=u_label)
   return total, metrics, aux

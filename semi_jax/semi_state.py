@@ -36,7 +36,7 @@ class SemiState:
   class_weight: jnp.ndarray  # f32[C]: per-class factor of the prototype-mixing weight, refreshed every epoch
   qbar: jnp.ndarray  # f32[D]: EMA centre of the consistency teacher
   # Diagnostics, never read by the loss: per-class pseudo-label counts summed since the last evaluation
-  # (`train_step.pseudo_label_counts`). In the state so that a resumed run reports what an uninterrupted one does.
+  # (`pseudo_label_counts`). In the state so that a resumed run reports what an uninterrupted one does.
   pseudo_counts: dict
 
 
@@ -45,6 +45,20 @@ PSEUDO_COUNT_NAMES = ("true", "confident", "confident_known", "correct", "confid
 
 def empty_pseudo_counts(num_classes: int) -> dict:
   return {k: jnp.zeros((num_classes,), jnp.float32) for k in PSEUDO_COUNT_NAMES}
+
+
+def pseudo_label_counts(target, mask, u_label, num_classes: int) -> dict:
+  """Per-class counts of one step's confident pseudo-labels (`target` where `mask`) against the unlabeled data's
+  true labels (`u_label`, -1 where unknown): diagnostics, never in the loss. f32[C] each (PSEUDO_COUNT_NAMES):
+  true (known labels of class c), confident (confident pseudo-labels of class c, known or not; what the monitor
+  counts), confident_known (the same among known labels), correct (confident, class c and right),
+  confident_of_true (true class c and confident)."""
+  known = u_label >= 0
+  true = jnp.where(known, u_label, 0)  # (unknown rows carry weight 0 below)
+  conf, kn = mask.astype(jnp.float32), known.astype(jnp.float32)
+  count = lambda index, weight: jnp.zeros((num_classes,), jnp.float32).at[index].add(weight)
+  return {"true": count(true, kn), "confident": count(target, conf), "confident_known": count(target, conf * kn),
+          "correct": count(target, conf * kn * (target == true)), "confident_of_true": count(true, conf * kn)}
 
 
 def init(num_classes: int, feature_dim: int, bank_size: int) -> SemiState:
@@ -87,6 +101,8 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
   - monitor: confident pseudo-labels counted per class; at the last step of every epoch the prototype-mixing
     class weight is recomputed from the counts (of the whole run, or of that epoch: `plce.class_weight_counts`).
   - consistency centre (cons.enabled, after the warm-up): qbar <- m qbar + (1 - m) mean(teacher).
+  - pseudo-label diagnostics: `pseudo_label_counts` added to `pseudo_counts` (the trainer zeroes them at every
+    evaluation).
   Returns (new state, metrics).
   """
   metrics = {}
@@ -104,7 +120,8 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
                    bank_confidence=jnp.mean(memory_bank.mean_confidence(bank)))
 
   spe = config.train.steps_per_epoch
-  counts = semi.label_counts + jnp.zeros_like(semi.label_counts).at[aux.target].add(aux.mask.astype(jnp.float32))
+  step_counts = pseudo_label_counts(aux.target, aux.mask, aux.u_label, semi.label_counts.shape[0])
+  counts = semi.label_counts + step_counts["confident"]
   epoch_end = (step % spe) == (spe - 1)
   class_weight = jax.lax.cond(
       epoch_end,
@@ -118,5 +135,6 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
     qbar = jnp.where(aux.after_warmup, m * semi.qbar + (1.0 - m) * aux.teacher_mean, semi.qbar)
   if config.plce.class_weight_counts == "epoch":  # the refreshed weight used this epoch's counts: start anew
     counts = jnp.where(epoch_end, jnp.zeros_like(counts), counts)
+  pseudo_counts = {k: v + step_counts[k] for k, v in semi.pseudo_counts.items()}
   return semi.replace(bank=bank, last_decay_step=last_decay, label_counts=counts, class_weight=class_weight,
-                      qbar=qbar), metrics
+                      qbar=qbar, pseudo_counts=pseudo_counts), metrics

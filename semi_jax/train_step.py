@@ -87,21 +87,6 @@ def compute_gradients(state: TrainState, batch, rng, ctx: StepContext):
   return grads, batch_stats, metrics, aux
 
 
-def pseudo_label_counts(target, mask, u_label, num_classes: int) -> dict:
-  """Per-class counts of one step's confident pseudo-labels (`target` where `mask`) against the unlabeled data's
-  true labels (`u_label`, -1 where unknown): diagnostics, never in the loss, summed in
-  `SemiState.pseudo_counts`. f32[C] each (`semi_state.PSEUDO_COUNT_NAMES`):
-  true (known labels of class c), confident (confident pseudo-labels of class c, known or not), confident_known
-  (the same among known labels), correct (confident, class c and right), confident_of_true (true class c and
-  confident)."""
-  known = u_label >= 0
-  true = jnp.where(known, u_label, 0)  # (unknown rows carry weight 0 below)
-  conf, kn = mask.astype(jnp.float32), known.astype(jnp.float32)
-  count = lambda index, weight: jnp.zeros((num_classes,), jnp.float32).at[index].add(weight)
-  return {"true": count(true, kn), "confident": count(target, conf), "confident_known": count(target, conf * kn),
-          "correct": count(target, conf * kn * (target == true)), "confident_of_true": count(true, conf * kn)}
-
-
 def train_step(state: TrainState, batch, rng, ctx: StepContext):
   """One optimisation step: (new state, metrics of the step)."""
   cfg = ctx.config
@@ -115,8 +100,6 @@ def train_step(state: TrainState, batch, rng, ctx: StepContext):
 
   lr = cfg.optim.lr * schedules.of_run(cfg.optim.lr_schedule, cfg)(state.step)
   metrics.update(semi_metrics, grad_norm=optax.global_norm(grads), lr=lr)
-  counts = pseudo_label_counts(aux.target, aux.mask, batch["u_label"], state.semi.label_counts.shape[0])
-  semi = semi.replace(pseudo_counts={k: v + counts[k] for k, v in semi.pseudo_counts.items()})
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                             ema_params=ema_params, semi=semi)
   return new_state, metrics

@@ -50,11 +50,11 @@ def test_macro_metrics_equal_sklearn(seed):
 def test_pseudo_label_counts_and_summary_by_hand():
   """Six unlabeled rows of 3 classes, one with an unknown label (-1). Confident pseudo-labels: rows 0, 1, 2, 5."""
   import jax.numpy as jnp
-  from semi_jax import train_step
+  from semi_jax import semi_state
   target = jnp.array([0, 0, 1, 2, 1, 2])
   mask = jnp.array([True, True, True, False, False, True])
   u_label = jnp.array([0, 1, 1, 2, 0, -1])
-  counts = {k: np.asarray(v) for k, v in train_step.pseudo_label_counts(target, mask, u_label, 3).items()}
+  counts = {k: np.asarray(v) for k, v in semi_state.pseudo_label_counts(target, mask, u_label, 3).items()}
   np.testing.assert_array_equal(counts["true"], [2, 2, 1])  # known labels: 0, 1, 1, 2, 0
   np.testing.assert_array_equal(counts["confident"], [2, 1, 1])  # rows 0, 1 -> 0; row 2 -> 1; row 5 -> 2
   np.testing.assert_array_equal(counts["confident_known"], [2, 1, 0])  # row 5's label is unknown

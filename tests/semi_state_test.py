@@ -101,7 +101,7 @@ def test_update_timing_matches_the_loop_over_many_steps(clock):
     aux = objective.Aux(conf=weak, target=jnp.asarray(targets[step]), mask=jnp.asarray(masks[step]),
                         f_strong=(jnp.asarray(f_strong[0]), jnp.asarray(f_strong[1])),
                         teacher_mean=jnp.asarray(teacher_means[step]),
-                        after_warmup=jnp.asarray(step // SPE > EST_EPOCH))
+                        after_warmup=jnp.asarray(step // SPE > EST_EPOCH), u_label=jnp.full((U,), -1))
     semi = update(semi, aux, jnp.int32(step))
     got = jax.device_get(semi)
     at = f"step {step}"
@@ -175,7 +175,8 @@ def test_epoch_counts_restart_after_every_refresh():
   for step in range(2 * SPE):
     targets = rng.integers(0, C, U).astype(np.int32)
     aux = objective.Aux(conf=jnp.full((U,), 1e-30), target=jnp.asarray(targets), mask=jnp.ones((U,), bool),
-                        f_strong=(zero, zero), teacher_mean=jnp.zeros((D,)), after_warmup=jnp.asarray(False))
+                        f_strong=(zero, zero), teacher_mean=jnp.zeros((D,)), after_warmup=jnp.asarray(False),
+                        u_label=jnp.asarray(targets))
     epoch_counts = (0 if step % SPE == 0 else epoch_counts) + np.bincount(targets, minlength=C)
     semi = semi_state.update(semi, aux, jnp.int32(step), cfg)[0]
     if step % SPE == SPE - 1:
