@@ -15,7 +15,8 @@ def _check(cond: bool, field: str, value, allowed: str) -> None:
     raise ConfigError(f"config field {field}={value!r} is invalid: {allowed}.")
 
 
-def _schedule_range(cfg, field: str, lo: float, hi: float, total: int, spe: int) -> None:
+def _schedule_range(cfg, field: str, lo: float, hi: float, total: int, spe: int) -> list[float]:
+  """Checks a schedule at a few steps of the run; returns its values there."""
   points = sorted({0, total // 4, total // 2, max(total - 1, 0)})
   try:
     values = schedules.sample(cfg, total, spe, points)
@@ -25,6 +26,7 @@ def _schedule_range(cfg, field: str, lo: float, hi: float, total: int, spe: int)
   if bad:
     raise ConfigError(f"config field {field} ({schedules.describe(cfg)}) leaves [{lo}, {hi}]: "
                       f"value {bad[0][1]:.4g} at step {bad[0][0]}.")
+  return [float(v) for v in values]
 
 
 def _check_divisible(value: int, field: str, parts: int, what: str) -> None:
@@ -107,7 +109,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
          "must be in (0, 1]")
   b = config.bank
   _check(config.bank.size >= 1, "bank.size", config.bank.size, "K entries per class must be >= 1")
-  _schedule_range(config.bank.decay_every, "bank.decay_every", 1.0, float("inf"), total, spe)
+  decay_every = _schedule_range(config.bank.decay_every, "bank.decay_every", 1.0, float("inf"), total, spe)
   _schedule_range(config.bank.beta, "bank.beta", 0.0, 1.0, total, spe)
   p = config.plce
   _check(not (p.enabled and not config.bank.enabled), "plce.enabled", p.enabled,
@@ -124,8 +126,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(b.decay_clock in semi_state.DECAY_CLOCKS, "bank.decay_clock", b.decay_clock,
          f"choose one of {semi_state.DECAY_CLOCKS} (epoch: the counter restarts every epoch, as the reference)")
   if b.enabled and b.decay_clock == "epoch":
-    points = sorted({0, total // 4, total // 2, max(total - 1, 0)})
-    longest = max(round(float(v)) for v in schedules.sample(b.decay_every, total, spe, points))
+    longest = max(round(v) for v in decay_every)
     if longest > spe:  # legal (the reference behaves so), but rarely what an ablation means
       logging.warning("bank.decay_every=%d exceeds train.steps_per_epoch=%d with bank.decay_clock=epoch: the "
                       "per-epoch counter restarts before it is reached and the bank never decays, as in the "
