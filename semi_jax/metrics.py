@@ -1,7 +1,13 @@
-"""Training metrics merged on device (clu) and test-set summaries computed from confusion matrices."""
+"""Training metrics merged on device (clu), test-set summaries computed from confusion matrices, and the
+evaluation records of a run (eval.jsonl): reading them and selecting one by validation accuracy."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+from absl import logging
+
+from semi_jax import files
 
 
 def train_metrics_collection(keys):
@@ -119,3 +125,20 @@ def bar_image(values, top: float = 100.0, width: int = 8, height: int = 64) -> n
     if filled:
       image[height - filled:, c * width:(c + 1) * width - 1] = (31, 119, 180)
   return image
+
+
+def read_evals(path: str) -> list[dict]:
+  """The records of an eval.jsonl, sorted by step; when a resumed run logged a step twice the last one wins."""
+  by_step = {}
+  if not files.exists(path):
+    return []
+  for n, line in enumerate(files.read_text(path).split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:  # a line cut short by a killed run
+      logging.warning("%s:%d is not valid JSON; skipped.", path, n)
+      continue
+    by_step[int(record["step"])] = record
+  return [by_step[s] for s in sorted(by_step)]

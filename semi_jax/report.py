@@ -24,13 +24,11 @@ from collections.abc import Sequence
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import re
 import sys
 
-from absl import logging
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -66,23 +64,6 @@ class SeedRun:
   summary: dict | None
 
 
-def read_evals(path: str) -> list[dict]:
-  """The records of an eval.jsonl, sorted by step; when a resumed run logged a step twice the last one wins."""
-  by_step = {}
-  if not files.exists(path):
-    return []
-  for n, line in enumerate(files.read_text(path).split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except ValueError:  # a line cut short by a killed run
-      logging.warning("%s:%d is not valid JSON; skipped.", path, n)
-      continue
-    by_step[int(record["step"])] = record
-  return [by_step[s] for s in sorted(by_step)]
-
-
 def load_runs(workdir: str) -> list[SeedRun]:
   """Every DIR/<variant>/seed_<s> run, in sweep order (then by name and seed)."""
   if not files.isdir(workdir):
@@ -101,7 +82,7 @@ def load_runs(workdir: str) -> list[SeedRun]:
       runs.append(SeedRun(variant=meta.get("name", variant_dir), seed=int(meta.get("seed", match.group(1))),
                           workdir=rpath, index=int(meta.get("index", sys.maxsize)),
                           overrides=meta.get("overrides", {}), config=meta.get("config"),
-                          evals=read_evals(files.join(rpath, EVAL_LOG)),
+                          evals=metrics.read_evals(files.join(rpath, EVAL_LOG)),
                           summary=files.read_json(files.join(rpath, sweep.SUMMARY))))
   runs.sort(key=lambda r: (r.index, r.variant, r.seed))
   return runs

@@ -367,9 +367,7 @@ class Trainer:
   def _selected_by_validation(self):
     """The evaluation with the best validation balanced accuracy (its step, validation and test accuracy of the
     reported head), from the run's eval log; None without a validation set."""
-    path = files.join(self.workdir, EVAL_LOG)
-    records = [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()] \
-        if files.exists(path) else []
+    records = metrics.read_evals(files.join(self.workdir, EVAL_LOG))
     best = metrics.select_by_validation(records)
     if best is None:
       return None

@@ -165,7 +165,7 @@ def test_resumed_run_duplicate_steps_and_cut_lines(tmp_path):
   d = str(tmp_path)
   # A run resumed from an older checkpoint logs step 4 again; a killed run may leave half a line.
   _write_run(d, "v", 0, [_record(2, 10.0), _record(4, 99.0), _record(4, 40.0)], extra_lines=['{"step": 6, "rep'])
-  evals = report.read_evals(os.path.join(d, "v", "seed_0", report.EVAL_LOG))
+  evals = metrics.read_evals(os.path.join(d, "v", "seed_0", report.EVAL_LOG))
   assert [e["step"] for e in evals] == [2, 4]
   assert evals[-1]["balanced"]["balanced_acc"] == 40.0
 
