@@ -75,6 +75,10 @@ class SSLData:
     known = self.unlabeled_labels[self.unlabeled_labels >= 0]
     return np.bincount(known, minlength=self.num_classes)
 
+  def validation_set(self) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of the held-out validation set (empty without one)."""
+    return self.dataset.train_images[self.val_idx], self.dataset.train_labels[self.val_idx]
+
 
 def make_ssl_data(dataset: ArrayDataset, data_config, seed: int) -> SSLData:
   """The run's split of `dataset`. Its image tables are made aligned (`datasets.aligned_empty`) first where a

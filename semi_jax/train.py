@@ -169,8 +169,7 @@ class Trainer:
                        f"data.image_size={config.data.image_size}; set data.image_size={dataset.image_size}.")
     self.data = input_pipeline.make_ssl_data(dataset, config.data, config.seed)
     self.num_classes = dataset.num_classes
-    self.groups = metrics.shot_groups(self.data.labeled_counts, config.eval.many_threshold,
-                                      config.eval.few_threshold)
+    self.outputs = RunOutputs(config, workdir, self.data)
     self.program = build_program(config, self.mesh, num_classes=self.num_classes,
                                  class_prior=self.data.class_prior, mean=dataset.mean, std=dataset.std, model=model)
     self.rng = jax.random.key(config.seed)
@@ -211,64 +210,15 @@ class Trainer:
       out = self.program.eval_step(self.state.ema_params, self.state.batch_stats,
                                    sharding.to_global(batch, self.mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    return {"standard": metrics.summarize_confusion(sums["confusion"], self.groups),
-            "balanced": metrics.summarize_confusion(sums["confusion_b"], self.groups),
-            "loss_b": float(sums["loss_b_sum"] / max(sums["count"], 1.0)),
-            "confusion": {"standard": sums["confusion"], "balanced": sums["confusion_b"]}}
+    return self.outputs.summarize(jax.device_get(sums))
 
   def evaluate(self) -> dict:
     """Test-set summaries of both heads on the EMA weights, and under "validation" the same for the held-out
     validation set (data.val_per_class > 0)."""
     d = self.data.dataset
-    result = self._evaluate_on(d.test_images, d.test_labels)
-    result["reported"] = "balanced" if self.config.ssl.dual_head else "standard"
-    if len(self.data.val_idx):
-      val = self._evaluate_on(d.train_images[self.data.val_idx], d.train_labels[self.data.val_idx])
-      result["validation"] = {"standard": val["standard"], "balanced": val["balanced"]}
-    return result
-
-  def _write_eval(self, writer, step: int, result: dict) -> None:
-    head = result[result["reported"]]
-    scalars = {"eval/acc": head["acc"], "eval/balanced_acc": head["balanced_acc"],
-               "eval/acc_standard_head": result["standard"]["acc"],
-               "eval/acc_balanced_head": result["balanced"]["acc"], "eval/loss_balanced_head": result["loss_b"],
-               "eval/gm": head["gm"], "eval/macro_precision": head["macro_precision"],
-               "eval/macro_recall": head["macro_recall"], "eval/macro_f1": head["macro_f1"]}
-    for g in ("many", "medium", "few"):
-      scalars[f"eval/acc_{g}"] = head[f"acc_{g}"]
-    for c, a in enumerate(head["per_class"]):
-      scalars[f"eval_class/acc_{c:03d}"] = a
-    if "validation" in result:
-      val = result["validation"][result["reported"]]
-      scalars.update({"val/acc": val["acc"], "val/balanced_acc": val["balanced_acc"], "val/gm": val["gm"]})
-    pl = result.get("pseudo_labels")
-    if pl is not None:
-      scalars.update({f"pseudo/{k}": pl[k] for k in metrics.PSEUDO_SCALARS})
-      for k in ("precision", "recall", "mask_rate", "estimated", "true"):
-        scalars.update({f"pseudo_class/{k}_{c:03d}": v for c, v in enumerate(pl[k])})
-    bank = jax.device_get(self.state.semi.bank)
-    fill = np.asarray(memory_bank.fill_fraction(bank))
-    conf = np.asarray(memory_bank.mean_confidence(bank))
-    if self.config.bank.enabled:
-      for c in range(self.num_classes):
-        scalars[f"bank/fill_{c:03d}"] = fill[c]
-        scalars[f"bank/confidence_{c:03d}"] = conf[c]
-    writer.write_scalars(step, scalars)
-    confusion = result["confusion"][result["reported"]]
-    writer.write_images(step, {"eval/confusion_matrix": metrics.confusion_image(confusion)[None],
-                               "eval/per_class_accuracy": metrics.bar_image(head["per_class"])[None]})
-    if self.is_lead:
-      record = {"step": step, "reported": result["reported"], "loss_b": result["loss_b"],
-                "bank_fill": fill.tolist(), "bank_confidence": conf.tolist()}
-      as_json = lambda summary: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in summary.items()}
-      for name in ("standard", "balanced"):
-        record[name] = as_json(result[name])
-      if "validation" in result:
-        record["validation"] = {name: as_json(result["validation"][name]) for name in ("standard", "balanced")}
-      if "pseudo_labels" in result:
-        record["pseudo_labels"] = as_json(result["pseudo_labels"])
-      files.append_line(files.join(self.workdir, EVAL_LOG), json.dumps(record, allow_nan=True))
+    test = self._evaluate_on(d.test_images, d.test_labels)
+    val = self._evaluate_on(*self.data.validation_set()) if len(self.data.val_idx) else None
+    return self.outputs.eval_result(test, val)
 
   def run(self, batches=None) -> dict:
     """Trains from the newest good checkpoint to train.total_steps. SIGTERM / SIGINT finish the current
@@ -320,7 +270,7 @@ class Trainer:
           # Pseudo-label quality since the previous evaluation (one read of the on-device sums).
           result["pseudo_labels"] = metrics.pseudo_label_summary(jax.device_get(self.state.semi.pseudo_counts))
           self.state = self.program.reset_pseudo_counts(self.state)  # before a save at this step: resume-exact
-          self._write_eval(writer, done, result)
+          self.outputs.write_eval(writer, done, result, self.state.semi.bank)
         if stop or done % t.checkpoint_every_steps == 0 or done == t.total_steps:
           self._check_guard(carry["guard"])  # never save a state reached through a non-finite step
           self.checkpointer.save(done, self.state, force=stop)
@@ -340,18 +290,90 @@ class Trainer:
     if result is None:  # nothing left to train: report the restored model
       result = self.evaluate()
     writer.flush()
-    elapsed = time.time() - t0
-    summary = self._summary(result, trained, elapsed)
+    return self.outputs.finish(result, step=int(jax.device_get(self.state.step)), trained_steps=trained,
+                               skipped_steps=self.skipped_steps, elapsed=time.time() - t0)
+
+
+class RunOutputs:
+  """What one run writes in its workdir, whether it trains alone (`Trainer`) or stacked with others
+  (semi_jax.together): eval.jsonl and the TensorBoard scalars and images of every evaluation, summary.json and
+  the final per-class table. Only process 0 writes files."""
+
+  def __init__(self, config, workdir: str, data: input_pipeline.SSLData):
+    self.config, self.workdir, self.data = config, workdir, data
+    self.is_lead = jax.process_index() == 0
+    self.groups = metrics.shot_groups(data.labeled_counts, config.eval.many_threshold, config.eval.few_threshold)
+
+  def summarize(self, sums) -> dict:
+    """Summaries of both heads from the eval step's sums (numpy) over one image set."""
+    return {"standard": metrics.summarize_confusion(sums["confusion"], self.groups),
+            "balanced": metrics.summarize_confusion(sums["confusion_b"], self.groups),
+            "loss_b": float(sums["loss_b_sum"] / max(sums["count"], 1.0)),
+            "confusion": {"standard": sums["confusion"], "balanced": sums["confusion_b"]}}
+
+  def eval_result(self, test: dict, validation: dict | None) -> dict:
+    """The evaluation of the run: the test summaries, the reported head, and the validation summaries."""
+    result = dict(test, reported="balanced" if self.config.ssl.dual_head else "standard")
+    if validation is not None:
+      result["validation"] = {"standard": validation["standard"], "balanced": validation["balanced"]}
+    return result
+
+  def write_eval(self, writer, step: int, result: dict, bank) -> None:
+    head = result[result["reported"]]
+    scalars = {"eval/acc": head["acc"], "eval/balanced_acc": head["balanced_acc"],
+               "eval/acc_standard_head": result["standard"]["acc"],
+               "eval/acc_balanced_head": result["balanced"]["acc"], "eval/loss_balanced_head": result["loss_b"],
+               "eval/gm": head["gm"], "eval/macro_precision": head["macro_precision"],
+               "eval/macro_recall": head["macro_recall"], "eval/macro_f1": head["macro_f1"]}
+    for g in ("many", "medium", "few"):
+      scalars[f"eval/acc_{g}"] = head[f"acc_{g}"]
+    for c, a in enumerate(head["per_class"]):
+      scalars[f"eval_class/acc_{c:03d}"] = a
+    if "validation" in result:
+      val = result["validation"][result["reported"]]
+      scalars.update({"val/acc": val["acc"], "val/balanced_acc": val["balanced_acc"], "val/gm": val["gm"]})
+    pl = result.get("pseudo_labels")
+    if pl is not None:
+      scalars.update({f"pseudo/{k}": pl[k] for k in metrics.PSEUDO_SCALARS})
+      for k in ("precision", "recall", "mask_rate", "estimated", "true"):
+        scalars.update({f"pseudo_class/{k}_{c:03d}": v for c, v in enumerate(pl[k])})
+    bank = jax.device_get(bank)
+    fill = np.asarray(memory_bank.fill_fraction(bank))
+    conf = np.asarray(memory_bank.mean_confidence(bank))
+    if self.config.bank.enabled:
+      for c in range(self.data.num_classes):
+        scalars[f"bank/fill_{c:03d}"] = fill[c]
+        scalars[f"bank/confidence_{c:03d}"] = conf[c]
+    writer.write_scalars(step, scalars)
+    confusion = result["confusion"][result["reported"]]
+    writer.write_images(step, {"eval/confusion_matrix": metrics.confusion_image(confusion)[None],
+                               "eval/per_class_accuracy": metrics.bar_image(head["per_class"])[None]})
     if self.is_lead:
-      summary["selected_by_validation"] = self._selected_by_validation()
+      record = {"step": step, "reported": result["reported"], "loss_b": result["loss_b"],
+                "bank_fill": fill.tolist(), "bank_confidence": conf.tolist()}
+      as_json = lambda summary: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in summary.items()}
+      for name in ("standard", "balanced"):
+        record[name] = as_json(result[name])
+      if "validation" in result:
+        record["validation"] = {name: as_json(result["validation"][name]) for name in ("standard", "balanced")}
+      if "pseudo_labels" in result:
+        record["pseudo_labels"] = as_json(result["pseudo_labels"])
+      files.append_line(files.join(self.workdir, EVAL_LOG), json.dumps(record, allow_nan=True))
+
+  def finish(self, result, *, step: int, trained_steps: int, skipped_steps: int, elapsed: float) -> dict:
+    """The run's summary; process 0 writes it to summary.json and prints the per-class table."""
+    summary = self.summary(result, step=step, trained_steps=trained_steps, skipped_steps=skipped_steps,
+                           elapsed=elapsed)
+    if self.is_lead:
+      summary["selected_by_validation"] = self.selected_by_validation()
       files.write_json_atomic(files.join(self.workdir, SUMMARY), summary)
-      if t.print_table:
+      if self.config.train.print_table:
         print(self.final_report(result, summary))
     return summary
 
-  def _summary(self, result, trained_steps: int, elapsed: float) -> dict:
+  def summary(self, result, *, step: int, trained_steps: int, skipped_steps: int, elapsed: float) -> dict:
     head = result[result["reported"]]
-    return {"step": int(jax.device_get(self.state.step)), "algo": self.config.ssl.algo,
+    return {"step": step, "algo": self.config.ssl.algo,
             "components": objective.switches_of(self.config), "reported_head": result["reported"],
             "acc": head["acc"], "balanced_acc": head["balanced_acc"], "gm": head["gm"],
             "macro_precision": head["macro_precision"], "macro_recall": head["macro_recall"],
@@ -362,9 +384,9 @@ class Trainer:
             "pseudo_labels": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
                               for k, v in result.get("pseudo_labels", {}).items()} or None,
             "labeled_counts": self.data.labeled_counts.tolist(),
-            "trained_steps": trained_steps, "skipped_steps": self.skipped_steps, "train_seconds": elapsed}
+            "trained_steps": trained_steps, "skipped_steps": skipped_steps, "train_seconds": elapsed}
 
-  def _selected_by_validation(self):
+  def selected_by_validation(self):
     """The evaluation with the best validation balanced accuracy (its step, validation and test accuracy of the
     reported head), from the run's eval log; None without a validation set."""
     records = metrics.read_evals(files.join(self.workdir, EVAL_LOG))
