@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 import math
 import numbers
 
+import flax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -163,9 +164,77 @@ def make_schedule(cfg: Mapping, total_steps: int, steps_per_epoch: int | None = 
   return _with_warmup(base, warmup_steps, float(cfg["warmup_value"]))
 
 
-def of_run(cfg: Mapping, config) -> Schedule:
-  """`make_schedule` of a schedule field of a run's `config`, over its train.total_steps and steps_per_epoch."""
+def of_run(cfg, config) -> Schedule:
+  """`make_schedule` of a schedule field of a run's `config`, over its train.total_steps and steps_per_epoch.
+
+  The field may also be a `ScheduleArrays` (a schedule passed to a jitted step as data, see `as_arrays`)."""
+  if isinstance(cfg, ScheduleArrays):
+    return cfg
   return make_schedule(cfg, config.train.total_steps, config.train.steps_per_epoch)
+
+
+@flax.struct.dataclass
+class ScheduleArrays:
+  """A schedule as float32 arrays instead of Python constants: the same function as `make_schedule`'s (bitwise),
+  with the kind an index into KINDS, so that runs whose schedules differ, in kind too, can be one program with a
+  leading run axis (`jax.vmap` over the fields). Made by `as_arrays`; calling it evaluates it at a step.
+
+  The fields are the constants the closures of `make_schedule` compute from the config on the host (in float64,
+  as Python does), so that they round to float32 exactly as those closures' constants do.
+  """
+  kind: jnp.ndarray  # int32 index into KINDS
+  value: jnp.ndarray
+  end: jnp.ndarray  # end_value
+  delta: jnp.ndarray  # linear: end - value
+  half_span: jnp.ndarray  # cosine: (value - end) * 0.5
+  start: jnp.ndarray  # start_step (reference_cosine: its warm-up)
+  steps: jnp.ndarray  # linear/cosine window, resolved; reference_cosine: horizon - warm-up
+  rate: jnp.ndarray
+  every: jnp.ndarray
+  pi_cycles: jnp.ndarray  # reference_cosine: pi * cycles
+  steps_per_epoch: jnp.ndarray  # reference_ramp
+  warmup_steps: jnp.ndarray
+  warmup_value: jnp.ndarray
+
+  def __call__(self, step):
+    s = _steps_to_float(step)
+    value = self.base(s)
+    target = self.base(jnp.full_like(s, self.warmup_steps))
+    ramp = self.warmup_value + (target - self.warmup_value) * (s / self.warmup_steps)
+    # warmup_steps 0: s < 0 never holds, and the ramp's 0/0 is never selected.
+    return jnp.where(s < self.warmup_steps, ramp, value).astype(jnp.float32)
+
+  def base(self, s):
+    progress = jnp.clip((s - self.start) / self.steps, 0.0, 1.0)
+    exponent = jnp.maximum(s - self.start, 0.0) / self.every
+    by_kind = [
+        jnp.full(jnp.shape(s), self.value, jnp.float32),  # constant
+        self.value + self.delta * progress,  # linear
+        self.end + self.half_span * (1.0 + jnp.cos(jnp.pi * progress)),  # cosine
+        self.value * jnp.power(self.rate, exponent),  # exponential
+        self.value * jnp.power(self.rate, jnp.floor(exponent)),  # step
+        self.value * jnp.maximum(0.0, jnp.cos(self.pi_cycles * ((s - self.start) / self.steps))),  # ref. cosine
+        self.value * jnp.floor(s / self.steps_per_epoch) / self.steps_per_epoch,  # reference_ramp
+    ]
+    return jnp.select([self.kind == i for i in range(len(KINDS))], by_kind)
+
+
+def as_arrays(cfg: Mapping, total_steps: int, steps_per_epoch: int) -> ScheduleArrays:
+  """The schedule of `cfg` over `total_steps` as a `ScheduleArrays` of numpy scalars (validated as
+  `make_schedule` validates it, which is also called so that every error is the same)."""
+  make_schedule(cfg, total_steps, steps_per_epoch)
+  kind = cfg["kind"]
+  value, end, start = float(cfg["value"]), float(cfg["end_value"]), int(cfg["start_step"])
+  steps = _resolve_steps(cfg, total_steps, start) if kind in ("linear", "cosine") else max(int(cfg["steps"]), 1)
+  if kind == "reference_cosine":
+    start = int(cfg["warmup_steps"])
+    steps = _resolve_steps(cfg, total_steps, 0) - start
+  f32 = np.float32
+  return ScheduleArrays(
+      kind=np.int32(KINDS.index(kind)), value=f32(value), end=f32(end), delta=f32(end - value),
+      half_span=f32((value - end) * 0.5), start=f32(start), steps=f32(steps), rate=f32(cfg["rate"]),
+      every=f32(cfg["every"]), pi_cycles=f32(math.pi * float(cfg["cycles"])), steps_per_epoch=f32(steps_per_epoch),
+      warmup_steps=f32(cfg["warmup_steps"]), warmup_value=f32(cfg["warmup_value"]))
 
 
 def sample(cfg: Mapping, total_steps: int, steps_per_epoch: int | None, points) -> np.ndarray:

@@ -18,14 +18,24 @@ DECAY_CLOCKS = ("epoch", "global")  # bank.decay_clock
 COUNT_WINDOWS = ("run", "epoch")  # plce.class_weight_counts
 
 
-def decay_due(step, last_decay_step, interval, steps_per_epoch: int, clock: str):
+def choose(choice, options: tuple[str, ...], branches: dict, field: str):
+  """`branches[choice]()` for a choice among `options` given as a string (a run's own config), or, where several
+  runs trained together differ in it (semi_jax.hyperparams), as a traced index into `options`: then every
+  branch is computed and the chosen one selected. `field` names the config field in errors."""
+  if isinstance(choice, str):
+    if choice not in options:
+      raise ValueError(f"unknown {field} {choice!r}; choose one of {options}.")
+    return branches[choice]()
+  values = [branches[o]() for o in options]
+  return jnp.select([choice == i for i in range(len(options))], values)
+
+
+def decay_due(step, last_decay_step, interval, steps_per_epoch: int, clock):
   """Whether the bank decays after step `step` (0-based). epoch: the reference's `(batch_idx + 1) % decay_step
   == 0` with batch_idx restarting every epoch; global: `interval` steps after the last decay."""
-  if clock == "epoch":
-    return ((step % steps_per_epoch) + 1) % interval == 0
-  if clock == "global":
-    return (step + 1 - last_decay_step) >= interval
-  raise ValueError(f"unknown bank.decay_clock {clock!r}; choose one of {DECAY_CLOCKS}.")
+  return choose(clock, DECAY_CLOCKS, {"epoch": lambda: ((step % steps_per_epoch) + 1) % interval == 0,
+                                      "global": lambda: (step + 1 - last_decay_step) >= interval},
+                "bank.decay_clock")
 
 
 @flax.struct.dataclass
@@ -79,15 +89,11 @@ def monitor_class_weight(counts, epoch, df, kind: str):
   inv = inv / jnp.maximum(jnp.sum(inv), 1e-12)
   power = 1.0 - df ** (epoch + 1.0)
   safe_log = lambda p: jnp.log(jnp.maximum(p, 1e-12))
-  if kind == "frequency":  # the reference's choice ("inv_base" there)
-    return freq
-  if kind == "decayed_frequency":
-    return jnp.exp(safe_log(freq) * power)
-  if kind == "decayed_inverse":
-    return jnp.exp(safe_log(inv) * power)
-  if kind == "uniform":
-    return jnp.ones_like(counts)
-  raise ValueError(f"unknown plce.class_weight {kind!r}; choose one of {CLASS_WEIGHTS}.")
+  return choose(kind, CLASS_WEIGHTS, {
+      "frequency": lambda: freq,  # the reference's choice ("inv_base" there)
+      "decayed_frequency": lambda: jnp.exp(safe_log(freq) * power),
+      "decayed_inverse": lambda: jnp.exp(safe_log(inv) * power),
+      "uniform": lambda: jnp.ones_like(counts)}, "plce.class_weight")
 
 
 def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[SemiState, dict]:
@@ -133,8 +139,10 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
   if config.cons.enabled:
     m = config.cons.center_momentum
     qbar = jnp.where(aux.after_warmup, m * semi.qbar + (1.0 - m) * aux.teacher_mean, semi.qbar)
-  if config.plce.class_weight_counts == "epoch":  # the refreshed weight used this epoch's counts: start anew
-    counts = jnp.where(epoch_end, jnp.zeros_like(counts), counts)
+  # With per-epoch counts the refreshed weight used this epoch's counts: start anew.
+  counts = choose(config.plce.class_weight_counts, COUNT_WINDOWS, {
+      "run": lambda: counts, "epoch": lambda: jnp.where(epoch_end, jnp.zeros_like(counts), counts)},
+      "plce.class_weight_counts")
   pseudo_counts = {k: v + step_counts[k] for k, v in semi.pseudo_counts.items()}
   return semi.replace(bank=bank, last_decay_step=last_decay, label_counts=counts, class_weight=class_weight,
                       qbar=qbar, pseudo_counts=pseudo_counts), metrics

@@ -1,7 +1,7 @@
-"""Runs an ablation sweep: every variant of a sweep file, for every seed, one run after another.
+"""Runs an ablation sweep: every variant of a sweep file, for every seed, one run after another or together.
 
   python -m semi_jax.sweep --config=configs/ablations/decay.py[:base=test] --workdir=DIR
-      [--seeds=0,1,2] [--only=reference,no_decay] [--print_commands]
+      [--seeds=0,1,2] [--only=reference,no_decay] [--print_commands | --together [--run_axis_size=N]]
 
 A sweep file declares `get_config(arg)` (the base configuration), `get_sweep(arg)` (a list of
 `(variant name, {dotted.key: value})`) and optionally `SEEDS` (see configs/ablations/__init__.py). Each run
@@ -11,6 +11,9 @@ run is handed to train_and_evaluate, which resumes from its last checkpoint. Eve
 is built and validated before the first run starts, so a typo in the last variant fails at once.
 --print_commands prints one `python -m semi_jax.main ...` command per run instead (for a cluster) and
 writes the runs' sweep_variant.json files, so the report can label the results.
+--together trains the runs stacked on a leading run axis, as few jitted programs as their structures allow
+(semi_jax.together): the plan is printed first, runs of one seed share their input stream, each run still
+writes its own DIR/<variant>/seed_<s>, and the stacked checkpoints live in DIR/together/.
 DIR may be on a remote file system such as gs:// (see semi_jax.files); the sweep file is local.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from semi_jax import config_files, config_validation, files
 
 VARIANT_FILE = "sweep_variant.json"
 SUMMARY = "summary.json"  # written by semi_jax.train at the end of training
+GROUPS_DIR = "together"  # --together: the stacked checkpoints, one directory per group of runs
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -177,6 +181,8 @@ def _check_variants(variants, path: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
       raise ValueError(f"{path}: variant name {name!r} must be a directory name of letters, digits and _.+- "
                        "(starting with a letter or digit).")
+    if name == GROUPS_DIR:
+      raise ValueError(f"{path}: variant name {name!r} is reserved (--together keeps its checkpoints there).")
     if name in seen:
       raise ValueError(f"{path}: variant name {name!r} appears twice; names must be unique.")
     seen.add(name)
@@ -256,6 +262,51 @@ def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
   return results
 
 
+def run_together(runs: Sequence[SweepRun], workdir: str, run_axis_size: int = -1, log=print) -> list[dict]:
+  """Trains the unfinished runs stacked: grouped by program structure (semi_jax.together), one program per
+  group over every device; returns one {variant, seed, workdir, status, summary} per run, like `run_sweep`."""
+  import jax
+  from semi_jax import together
+
+  check_workdirs(runs)
+  lead = jax.process_index() == 0  # the only process that writes files
+  results, pending = [], []
+  for run in runs:
+    if is_finished(run):
+      log(f"{run.variant} seed {run.seed}: finished, skipped ({run.workdir})")
+      if lead and not files.exists(files.join(run.workdir, VARIANT_FILE)):
+        write_variant_file(run)
+      results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "skipped",
+                      "summary": _read_summary(run)})
+    else:
+      pending.append(run)
+  groups = [[pending[i] for i in g] for g in together.plan_groups([r.config for r in pending])]
+  members = [[together.Member(r.config, r.workdir, f"{r.variant} seed {r.seed}") for r in g] for g in groups]
+  shapes = [together.choose_axes(jax.device_count(), len(g), g[0].config.train.batch_size, run_axis_size,
+                                 jax.local_device_count()) for g in groups]
+  if groups:
+    log(f"Training {len(pending)} runs together in {len(groups)} program(s) on {jax.device_count()} devices:\n"
+        + together.describe_plan(members, shapes))
+  for k, (group, group_members, (r, d)) in enumerate(zip(groups, members, shapes)):
+    log(f"[group {k + 1}/{len(groups)}] {len(group)} runs, mesh run {r} x data {d}")
+    for run in group:
+      if lead:
+        write_variant_file(run)
+    trainer = together.GroupTrainer(group_members, files.join(workdir, GROUPS_DIR, together.group_name(
+        group_members)), together.make_mesh(r, d))
+    summaries = trainer.run()
+    preempted = any(s.get("preempted") for s in summaries)
+    results += [{"variant": run.variant, "seed": run.seed, "workdir": run.workdir,
+                 "status": "preempted" if preempted else "trained", "summary": s}
+                for run, s in zip(group, summaries)]
+    if preempted:
+      log(f"[group {k + 1}/{len(groups)}] stopped by a signal at step {summaries[0]['step']}; the remaining groups "
+          "were not started. Rerun the same command to continue the sweep.")
+      break
+  order = {(r.variant, r.seed): i for i, r in enumerate(runs)}
+  return sorted(results, key=lambda r: order[(r["variant"], r["seed"])])
+
+
 def _flag_value(value) -> str:
   if isinstance(value, bool):
     return "true" if value else "false"
@@ -283,6 +334,10 @@ def _define_flags():
   flags.DEFINE_list("seeds", None, "Seeds of every variant (default: the sweep file's SEEDS, else 0).")
   flags.DEFINE_list("only", None, "Run only these variants (comma-separated names).")
   flags.DEFINE_bool("print_commands", False, "Print one semi_jax.main command per run instead of training.")
+  flags.DEFINE_bool("together", False, "Train the runs stacked, as few programs as their structures allow "
+                    "(semi_jax.together), instead of one after another.")
+  flags.DEFINE_integer("run_axis_size", -1, "--together: devices on the mesh's run axis (the rest form the "
+                       "data axis); -1 chooses.")
   flags.mark_flags_as_required(["config", "workdir"])
   return flags.FLAGS
 
@@ -290,8 +345,13 @@ def _define_flags():
 def main(argv, flag_values) -> None:
   if len(argv) > 1:
     sys.exit(f"semi_jax.sweep: unexpected arguments {argv[1:]}")
+  if flag_values.print_commands and flag_values.together:
+    sys.exit("semi_jax.sweep: --print_commands prints one command per run, --together trains them as one program; "
+             "give one of them.")
   try:  # mistakes in the sweep declaration: one clear line, before anything trains
     seeds = None if flag_values.seeds is None else _parse_seeds(flag_values.seeds)
+    if not flag_values.print_commands:
+      _prepare_training(flag_values.config)
     runs = plan(flag_values.config, flag_values.workdir, seeds=seeds, only=flag_values.only)
     check_workdirs(runs)
   except ValueError as e:
@@ -301,15 +361,30 @@ def main(argv, flag_values) -> None:
       write_variant_file(run)
       print(launch_command(run))
     return
-  from semi_jax import startup
-  startup.prepare(runs[0].config.cpu_fast_paths)  # validated with every run's config
-  results = run_sweep(runs)
+  from semi_jax import checkpointing
+  try:
+    if flag_values.together:
+      results = run_together(runs, flag_values.workdir, flag_values.run_axis_size)
+    else:
+      results = run_sweep(runs)
+  except (ValueError, FloatingPointError, checkpointing.CheckpointIOError) as e:
+    sys.exit(f"semi_jax.sweep: {type(e).__name__}: {e}")
   print(f"\n{len(results)} runs in {flag_values.workdir}:")
   for r in results:
     s = r["summary"] or {}
     print(f"  {r['variant']:<20} seed {r['seed']:<3} {r['status']:<8} step {s.get('step')} "
           f"balanced acc {s.get('balanced_acc', float('nan')):.2f}")
   print(f"Report: python -m semi_jax.report --workdir={flag_values.workdir}")
+
+
+def _prepare_training(config_spec: str) -> None:
+  """What must happen before JAX starts (planning validates schedules with JAX): the CPU set-up of the sweep's
+  base configuration (semi_jax.startup) and, on a multi-process job,
+  jax.distributed."""
+  from semi_jax import distributed, startup
+  path, arg = config_files.split_spec(config_spec)
+  startup.prepare(_call_with_arg(load_sweep_file(path).get_config, arg).cpu_fast_paths)
+  distributed.maybe_initialize()
 
 
 def _parse_seeds(items) -> list[int]:

@@ -1,4 +1,4 @@
-"""Runs `python -m semi_jax.main` as the processes of one multi-process job on this machine (127.0.0.1,
+"""Runs `python -m semi_jax.main` (or `semi_jax.sweep`) as the processes of one multi-process job on this machine (127.0.0.1,
 jax.distributed with gloo CPU collectives, fake CPU devices per process)."""
 import os
 import signal
@@ -45,15 +45,15 @@ class Job:
   """The processes of one run; `fault` = (process id, kind) runs tests/fault_main.py in that process."""
 
   def __init__(self, workdir: str, logdir, flags=(), processes: int = 2, local_devices: int = 4, fault=None,
-               name: str = "job"):
+               name: str = "job", module: str = "semi_jax.main", config: str = "configs/test.py"):
     port = free_port()
     self.logs = [os.path.join(str(logdir), f"{name}_process_{i}.log") for i in range(processes)]
     self.procs = []
     for pid in range(processes):
-      cmd = [sys.executable, "-m", "semi_jax.main"]
+      cmd = [sys.executable, "-m", module]
       if fault is not None and fault[0] == pid:
         cmd = [sys.executable, FAULT_MAIN, fault[1]]
-      cmd += ["--config=configs/test.py", f"--workdir={workdir}", *flags]
+      cmd += [f"--config={config}", f"--workdir={workdir}", *flags]
       with open(self.logs[pid], "w") as log:
         self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(port, pid, processes, local_devices),
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))

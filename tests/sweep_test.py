@@ -267,7 +267,8 @@ def test_a_preempted_run_stops_the_sweep(tmp_path, monkeypatch):
 
 def test_print_commands_write_the_variant_files_on_ram(tmp_path, capsys, ram_dir):
   path = _write_sweep_file(tmp_path, [("a", {}), ("b", {"bank.size": 5})], seeds="(0, 1)")
-  flag_values = types.SimpleNamespace(config=path, workdir=ram_dir, seeds=None, only=None, print_commands=True)
+  flag_values = types.SimpleNamespace(config=path, workdir=ram_dir, seeds=None, only=None, print_commands=True,
+                                      together=False, run_axis_size=-1)
   sweep.main(["sweep"], flag_values)
   assert len(capsys.readouterr().out.strip().splitlines()) == 4
   assert files.listdir(ram_dir) == ["a", "b"] and files.listdir(f"{ram_dir}/b") == ["seed_0", "seed_1"]
