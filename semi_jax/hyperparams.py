@@ -3,8 +3,9 @@
 A run's config is baked into its jitted step as Python constants. To train several runs as one program (a leading
 run axis, `jax.vmap`; see semi_jax.together), the fields in which they differ must instead be inputs of the step:
 every schedule (kind included, as `schedules.ScheduleArrays`), the scalar fields below, which the step only
-does arithmetic with, and the choices below, which it computes every option of and selects. Every other field (shapes, component switches, strings, the data set, the model) is the
-program's structure: runs that differ there are different programs (`structure`).
+does arithmetic with, and the choices below, which it computes every option of and selects. Every other field
+(shapes, component switches, other strings, the data set, the model) is the program's structure: runs that
+differ there are different programs (`structure`).
 """
 from __future__ import annotations
 

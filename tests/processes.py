@@ -1,5 +1,5 @@
-"""Runs `python -m semi_jax.main` (or `semi_jax.sweep`) as the processes of one multi-process job on this machine (127.0.0.1,
-jax.distributed with gloo CPU collectives, fake CPU devices per process)."""
+"""Runs `python -m semi_jax.main` (or `semi_jax.sweep`) as the processes of one multi-process job on this machine
+(127.0.0.1, jax.distributed with gloo CPU collectives, fake CPU devices per process)."""
 import os
 import signal
 import socket
