@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from semi_jax import cpu, long_tail, miner, models, objective, schedules, semi_state
+from semi_jax import cpu, long_tail, memory_bank, miner, models, objective, schedules, semi_state
 from semi_jax.models import resnet
 
 
@@ -127,6 +127,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
          "must be in (0, 1]")
   b = config.bank
   _check(config.bank.size >= 1, "bank.size", config.bank.size, "K entries per class must be >= 1")
+  _check(b.dtype in memory_bank.DTYPES, "bank.dtype", b.dtype, f"choose one of {memory_bank.DTYPES}")
   decay_every = _schedule_range(config.bank.decay_every, "bank.decay_every", 1.0, float("inf"), total, spe)
   _schedule_range(config.bank.beta, "bank.beta", 0.0, 1.0, total, spe)
   p = config.plce

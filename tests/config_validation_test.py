@@ -46,6 +46,7 @@ CASES = [
     ("miner.mode", "loss", "choose one of"),
     ("miner.hard_fraction", 0.0, "(0, 1]"),
     ("bank.size", 0, "K entries per class must be >= 1"),
+    ("bank.dtype", "float16", "choose one of ('float32', 'bfloat16')"),
     ("bank.beta.value", 1.2, "leaves [0.0, 1.0]"),
     ("plce.alpha", 2.0, "[0, 1]"),
     ("plce.class_weight", "inverse", "choose one of"),

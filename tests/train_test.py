@@ -7,9 +7,10 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from step_helpers import packed, run_steps, view_batches
+from step_helpers import packed, program, run_steps, view_batches
 
 from configs import test as test_config
 from semi_jax import objective, sharding, train
@@ -59,6 +60,18 @@ def test_steps_equal_on_1_and_8_devices(which, steps, request):
   assert int(s8.step) == steps
   assert np.asarray(s8.semi.bank.filled).any(), "the bank should hold entries"
   assert o8[-1]["plce_weight"] > 0 or not trainer.config.plce.enabled
+
+
+def test_bank_dtype_sets_the_stored_feature_dtype(trainer):
+  """bank.dtype reaches the train state: bfloat16 features in the bank, everything else of the state unchanged."""
+  config = test_config.get_config()
+  config.bank.dtype = "bfloat16"
+  state = jax.eval_shape(program(trainer, trainer.mesh, config).init_state, jax.random.key(0))
+  default = jax.eval_shape(trainer.program.init_state, jax.random.key(0))
+  assert state.semi.bank.feats.dtype == jnp.bfloat16 and default.semi.bank.feats.dtype == jnp.float32
+  assert state.semi.bank.feats.shape == default.semi.bank.feats.shape == (10, 4, trainer.program.ctx.model.feature_dim)
+  rest = lambda s: jax.tree.leaves(s.replace(semi=s.semi.replace(bank=s.semi.bank.replace(feats=None))))
+  assert [(a.shape, a.dtype) for a in rest(state)] == [(a.shape, a.dtype) for a in rest(default)]
 
 
 def test_no_host_transfer_inside_the_step(trainer):
