@@ -9,6 +9,7 @@ tests/data/resnet50_state_dict.json; tests/data/README.md says how they were mad
   variable of the right shape, or is a skipped rotation head or an ignored counter, and every flax variable is
   covered.
 """
+import functools
 import json
 import pathlib
 
@@ -59,8 +60,8 @@ def test_converter_recognises_the_reference_resnet(converted):
   _, report = converted
   assert report.architecture == convert.ResNetArchitecture(blocks=(1, 2, 1, 1), block="bottleneck", base_width=8,
                                                            num_classes=10)
-  assert report.skipped == ["rot.weight, rot.bias (the rotation head the reference builds and SeMi never trains "
-                            "or reads)"]
+  assert report.skipped == [("rot.weight, rot.bias (the rotation head the reference builds and SeMi never trains "
+                             "or reads)")]
   assert report.ignored_counters == 1 + 3 * 5 + 4  # stem; 5 blocks of 3 BNs; a shortcut BN in each stage's first
 
 
@@ -68,8 +69,8 @@ def test_eval_and_train_mode_outputs_match(converted, model):
   variables, _ = converted
   for mode in ("eval", "train"):
     train = mode == "train"
-    out = jax.jit(lambda v, x: model.apply(v, x, train=train, mutable=["batch_stats"] if train else False))(
-        variables, reference_images())
+    apply = functools.partial(model.apply, train=train, mutable=["batch_stats"] if train else False)
+    out = jax.jit(apply)(variables, reference_images())
     logits, logits_b, feats = out[0] if train else out
     assert max_diff(feats, REF[f"{mode}/features"]) < TOL, mode
     assert max_diff(logits, REF[f"{mode}/logits"]) < TOL, mode
