@@ -88,7 +88,8 @@ class ResNetArchitecture:
 
   @property
   def expansion(self) -> int:
-    return 4 if self.block == "bottleneck" else 1
+    from semi_jax.models.resnet import EXPANSION  # pylint: disable=import-outside-toplevel
+    return EXPANSION[self.block]
 
   @property
   def feature_dim(self) -> int:
