@@ -39,12 +39,18 @@ def get_config(arg=None):
 
   # --- model ------------------------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
-  model.name = "wide_resnet"  # the only architecture: WideResNet-depth-width with heads fc and fc1
-  model.depth = 28  # 6n+4
-  model.width = 2  # widen factor: features D = 64 * width
-  model.dropout = 0.0  # dropout inside the residual blocks (the reference uses 0)
-  model.bn_momentum = 0.999  # running-average decay (PyTorch momentum 0.001)
-  model.leaky_slope = 0.1  # negative slope of the LeakyReLU activations
+  # wide_resnet (WideResNet-depth-width) | resnet (CIFAR-style ResNet, ResNet-50 by default); both have heads fc, fc1
+  model.name = "wide_resnet"
+  model.depth = 28  # wide_resnet: 6n+4
+  model.width = 2  # wide_resnet: widen factor, features D = 64 * width
+  model.dropout = 0.0  # wide_resnet: dropout inside the residual blocks (the reference uses 0)
+  model.leaky_slope = 0.1  # wide_resnet: negative slope of the LeakyReLU activations (resnet: ReLU)
+  model.blocks = (3, 4, 6, 3)  # resnet: residual blocks per stage ((3, 4, 6, 3) bottleneck: ResNet-50)
+  model.block = "bottleneck"  # resnet: bottleneck (D = 32 * base_width) | basic (D = 8 * base_width)
+  model.base_width = 64  # resnet: channels of the stem and the first stage (doubled at each later stage)
+  # Running-average decay of BatchNorm = 1 - PyTorch momentum: 0.999 for the reference WideResNet (its momentum
+  # 0.001), 0.9 for its ResNet (torch's default 0.1).
+  model.bn_momentum = 0.999
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, BN statistics and losses stay float32)
 
   # --- training loop ----------------------------------------------------------------------------------------
@@ -97,6 +103,9 @@ def get_config(arg=None):
   config.bank = bank = ml_collections.ConfigDict()
   bank.enabled = True  # balanced confidence-decay memory bank (needed by prototype mixing)
   bank.size = 128  # K entries per class
+  # Storage dtype of the bank's features: float32 | bfloat16 (half the device memory: [C, K, D] is 133 MB in
+  # float32 for ImageNet-127 with ResNet-50, C=127, K=128, D=2048). Confidences and prototypes stay float32.
+  bank.dtype = "float32"
   bank.decay_every = schedule_config("constant", value=50.0)  # steps between confidence decays
   bank.beta = schedule_config("constant", value=0.99)  # confidence decay of entries not written since the last
   # When decays happen. epoch: after step i of an epoch with (i + 1) % decay_every == 0, the counter restarting

@@ -1,6 +1,7 @@
 """ImageNet-127 (ImageNet's 1000 classes grouped into 127, natural long tail), 32x32 by default; 10% of every
 class labeled, the rest unlabeled. The argument `size=64` selects the 64x64 version:
-`--config=configs/imagenet127.py:size=64,algo=acr`."""
+`--config=configs/imagenet127.py:size=64,algo=acr`. The backbone is ResNet-50 (features D = 2048), as in the
+paper and the reference's `--arch resnet`, with torch's default BatchNorm momentum 0.1 (decay 0.9)."""
 from configs import default
 
 
@@ -15,6 +16,11 @@ def get_config(arg=None):
   config.data.name = f"imagenet127_{size}"
   config.data.image_size = size
   config.data.labeled_fraction = 0.1
+  config.model.name = "resnet"
+  config.model.blocks = (3, 4, 6, 3)
+  config.model.block = "bottleneck"
+  config.model.base_width = 64
+  config.model.bn_momentum = 0.9
   config.ssl.est_epoch = 2
   config.bank.decay_every.value = 200.0
   config.cons.proto_t = 0.09

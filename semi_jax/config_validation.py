@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from absl import logging
 
-from semi_jax import cpu, long_tail, miner, models, objective, schedules, semi_state
+from semi_jax import cpu, long_tail, memory_bank, miner, models, objective, schedules, semi_state
+from semi_jax.models import resnet
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,26 @@ def check_batches_divide(config, parts: int, what: str) -> None:
   _check_divisible(t.eval_batch_size, "train.eval_batch_size", parts, what)
 
 
+def _check_model_fields(m) -> None:
+  """The fields of the chosen model (see `semi_jax.models`); the other model's fields are not read."""
+  if m.name == "wide_resnet":
+    _check(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", m.depth,
+           "WideResNet depth is 6n+4, >= 10 (10, 16, 22, 28, ...)")
+    _check(m.width >= 1, "model.width", m.width, "must be >= 1")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _check(m.leaky_slope >= 0, "model.leaky_slope", m.leaky_slope, "must be >= 0")
+    return
+  blocks = tuple(m.blocks)
+  _check(len(blocks) == len(resnet.STAGE_STRIDES) and all(isinstance(b, int) and b >= 1 for b in blocks),
+         "model.blocks", m.blocks, f"model.name=resnet needs {len(resnet.STAGE_STRIDES)} residual-block counts "
+         ">= 1, one per stage: (3, 4, 6, 3) with model.block=bottleneck is ResNet-50, (2, 2, 2, 2) with "
+         "model.block=basic ResNet-18 (model.depth is WideResNet's, 6n+4; resnet ignores it)")
+  _check(m.block in resnet.BLOCKS, "model.block", m.block, f"choose one of {resnet.BLOCKS}")
+  _check(m.base_width >= 1, "model.base_width", m.base_width, "must be >= 1 (64 in the reference ResNet)")
+  _check(m.dropout == 0.0, "model.dropout", m.dropout,
+         "applies to model.name=wide_resnet only; the resnet has no dropout: set 0")
+
+
 def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
   """Raises ConfigError for the first invalid value. With `num_devices` / `num_processes` (the data-axis
   size of the mesh and the JAX process count) also checks that every global batch divides over them."""
@@ -67,13 +88,10 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(1 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", d.randaugment_magnitude,
          "must be in [1, 30]")
   _check(0.0 <= d.cutout_fraction <= 1.0, "data.cutout_fraction", d.cutout_fraction, "must be in [0, 1]")
-  _check(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "WideResNet depth is 6n+4, >= 10")
-  _check(m.width >= 1, "model.width", m.width, "must be >= 1")
-  _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+  _check(m.name in models.MODELS, "model.name", m.name, f"choose one of {models.MODELS}")
+  _check_model_fields(m)
   _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", m.bn_momentum, "must be in (0, 1)")
   _check(m.dtype in models.DTYPES, "model.dtype", m.dtype, f"choose one of {models.DTYPES}")
-  _check(m.name in models.MODELS, "model.name", m.name, f"choose one of {models.MODELS}")
-  _check(m.leaky_slope >= 0, "model.leaky_slope", m.leaky_slope, "must be >= 0")
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
   _check(t.mu >= 1, "train.mu", t.mu, "must be >= 1")
   _check(t.total_steps >= 1, "train.total_steps", t.total_steps, "must be >= 1")
@@ -109,6 +127,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
          "must be in (0, 1]")
   b = config.bank
   _check(config.bank.size >= 1, "bank.size", config.bank.size, "K entries per class must be >= 1")
+  _check(b.dtype in memory_bank.DTYPES, "bank.dtype", b.dtype, f"choose one of {memory_bank.DTYPES}")
   decay_every = _schedule_range(config.bank.decay_every, "bank.decay_every", 1.0, float("inf"), total, spe)
   _schedule_range(config.bank.beta, "bank.beta", 0.0, 1.0, total, spe)
   p = config.plce

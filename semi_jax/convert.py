@@ -1,4 +1,4 @@
-"""Import PyTorch WideResNet checkpoints (SeMi, ACR, FixMatch) as semi_jax variables.
+"""Import PyTorch WideResNet and ResNet checkpoints (SeMi, ACR, FixMatch) as semi_jax variables.
 
     python -m semi_jax.convert IN OUT [--which auto|ema|model] [--missing-fc1 copy|error] [--allow-unexpected]
 
@@ -6,19 +6,23 @@ IN is a PyTorch checkpoint (`.pth` / `.pth.tar`: a state_dict, or a dict wrappin
 `{'state_dict': ..., 'ema_state_dict': ...}` the way the reference training scripts save it, keys possibly
 prefixed with `module.` by DataParallel) or an `.npz` of the state_dict's arrays (name -> array). OUT is an
 `.npz` of the flax variables with flattened keys `params/...` and `batch_stats/...`; `load_variables(OUT)`
-gives them back as `{'params': ..., 'batch_stats': ...}` for `WideResNet(num_classes, depth, width).apply`.
+gives them back as `{'params': ..., 'batch_stats': ...}` for the flax model the report names (`WideResNet(num_classes,
+depth, width)` or `ResNet(num_classes, blocks, block, base_width)`; `Architecture.model()` builds it).
 
 Reading `.pth` files does not need torch: when torch is installed it is used (`weights_only` loading); without
 it, a built-in reader of the zip format (torch >= 1.6) rebuilds the tensors as numpy arrays and refuses every
 pickled object other than tensors, containers and numbers. The legacy pre-1.6 format needs torch.
 
 What the conversion does:
-- infers depth, width, number of classes and input channels from the tensor shapes and checks every tensor the
-  flax model needs is present with the right shape (a missing one is an error naming it);
+- tells the reference's WideResNet (`block1.layer.0.*`) from its CIFAR-style ResNet (`layer1.0.*`, ResNet-50 for
+  ImageNet-127); infers depth and width, or the blocks per stage, the block kind and the base width, the number of
+  classes and input channels from the tensor shapes, and checks every tensor the flax model needs is present with
+  the right shape (a missing one is an error naming it);
 - Conv2d weights OIHW -> HWIO, Linear (out, in) -> (in, out), BatchNorm weight/bias -> params scale/bias and
   running_mean/running_var -> batch_stats mean/var;
-- skips, with a note, the BatchNorm `bn1` of the first block of stages 2 and 3: the reference computes and
-  discards it, and the flax model does not build it; ignores `num_batches_tracked` (flax keeps no counter);
+- skips, with a note, the WideResNet's BatchNorm `bn1` of the first block of stages 2 and 3 (the reference computes
+  and discards it, and the flax model does not build it) and the ResNet's rotation head `rot` (built, never trained
+  or read by SeMi); ignores `num_batches_tracked` (flax keeps no counter);
 - any other tensor is unexpected: an error naming it, or with `allow_unexpected` a skip naming it;
 - a checkpoint with only the standard head `fc` (FixMatch) gets the balanced head `fc1` as a copy of `fc`, with
   a warning: both heads then start equal, a valid start for fine-tuning ACR/SeMi, and evaluation of `fc1` equals
@@ -26,7 +30,7 @@ What the conversion does:
 
 Running variances are copied as they are. After conversion they keep being updated slightly differently:
 torch averages in the unbiased batch variance, flax the biased one, a factor (n - 1) / n apart (n = batch *
-height * width, so a relative 1/(n - 1), weighted by the momentum 0.001, per step).
+height * width, so a relative 1/(n - 1), weighted by the torch momentum (0.001 WideResNet, 0.1 ResNet), per step).
 """
 from __future__ import annotations
 
@@ -64,10 +68,46 @@ class Architecture:
     return (f"WideResNet-{self.depth}-{self.width}, {self.num_classes} classes, feature dim {self.feature_dim}, "
             f"{self.in_channels} input channels")
 
+  def model(self):
+    from semi_jax.models.wide_resnet import WideResNet  # pylint: disable=import-outside-toplevel
+    return WideResNet(num_classes=self.num_classes, depth=self.depth, width=self.width)
+
+
+_RESNET_NAMES = {("basic", (2, 2, 2, 2)): "ResNet-18", ("basic", (3, 4, 6, 3)): "ResNet-34",
+                 ("bottleneck", (3, 4, 6, 3)): "ResNet-50", ("bottleneck", (3, 4, 23, 3)): "ResNet-101",
+                 ("bottleneck", (3, 8, 36, 3)): "ResNet-152"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetArchitecture:
+  blocks: tuple[int, ...]
+  block: str  # bottleneck | basic
+  base_width: int
+  num_classes: int
+  in_channels: int = 3
+
+  @property
+  def expansion(self) -> int:
+    from semi_jax.models.resnet import EXPANSION  # pylint: disable=import-outside-toplevel
+    return EXPANSION[self.block]
+
+  @property
+  def feature_dim(self) -> int:
+    return 8 * self.base_width * self.expansion
+
+  def describe(self) -> str:
+    name = _RESNET_NAMES.get((self.block, self.blocks), "ResNet") if self.base_width == 64 else "ResNet"
+    return (f"{name} ({self.block} blocks {self.blocks}, base width {self.base_width}), {self.num_classes} classes, "
+            f"feature dim {self.feature_dim}, {self.in_channels} input channels")
+
+  def model(self):
+    from semi_jax.models.resnet import ResNet  # pylint: disable=import-outside-toplevel
+    return ResNet(num_classes=self.num_classes, blocks=self.blocks, block=self.block, base_width=self.base_width)
+
 
 @dataclasses.dataclass
 class ConversionReport:
-  architecture: Architecture
+  architecture: Architecture | ResNetArchitecture
   source: str = "state_dict"
   stripped_prefix: str = ""
   converted: int = 0
@@ -322,20 +362,18 @@ def strip_wrapper_prefix(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str
     stripped += prefix
 
 
-def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> Architecture:
-  """Depth, width, number of classes and input channels of a (prefix-free) WideResNet state_dict."""
+def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> Architecture | ResNetArchitecture:
+  """The architecture of a (prefix-free) WideResNet or ResNet state_dict: for a WideResNet its depth and width,
+  for a ResNet its blocks per stage, block kind and base width; the number of classes and input channels."""
+  if "layer1.0.conv1.weight" in state_dict:
+    return _infer_resnet(state_dict)
   for name in ("conv1.weight", "block1.layer.0.conv1.weight", "fc.weight"):
     if name not in state_dict:
       sample = sorted(state_dict)[:6]
-      raise ValueError(f"not a WideResNet state_dict: {name!r} is missing (keys start with {sample}); expected "
-                       "the FixMatch/ACR/SeMi WideResNet naming conv1, block{1,2,3}.layer.{i}.*, bn1, fc, fc1.")
-  blocks = {}
-  for stage in (1, 2, 3):
-    pattern = re.compile(rf"block{stage}\.layer\.(\d+)\.")
-    idx = sorted({int(m.group(1)) for k in state_dict if (m := pattern.match(k))})
-    if idx != list(range(len(idx))) or not idx:
-      raise ValueError(f"stage block{stage} has layers {idx}; expected 0..n-1 with n >= 1 in every stage.")
-    blocks[stage] = len(idx)
+      raise ValueError(f"not a WideResNet or ResNet state_dict: {name!r} is missing (keys start with {sample}); "
+                       "expected the FixMatch/ACR/SeMi WideResNet naming conv1, block{1,2,3}.layer.{i}.*, bn1, fc, "
+                       "fc1, or the ResNet naming conv1, bn1, layer{1,2,3,4}.{i}.*, fc, fc1.")
+  blocks = _stage_blocks(state_dict, "block{stage}.layer", (1, 2, 3))
   if len(set(blocks.values())) != 1:
     raise ValueError(f"stages have different block counts {blocks}; a WideResNet has n blocks in each stage.")
   n = blocks[1]
@@ -353,6 +391,38 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> Architecture:
   return Architecture(depth=6 * n + 4, width=width, num_classes=fc.shape[0], in_channels=stem.shape[1])
 
 
+def _stage_blocks(state_dict, prefix: str, stages) -> dict[int, int]:
+  """Blocks per stage, counted from the keys `<prefix with the stage>.<block index>.*`."""
+  blocks = {}
+  for stage in stages:
+    name = prefix.format(stage=stage)
+    regex = re.compile(re.escape(name) + r"\.(\d+)\.")
+    idx = sorted({int(m.group(1)) for k in state_dict if (m := regex.match(k))})
+    if idx != list(range(len(idx))) or not idx:
+      raise ValueError(f"stage {name} has layers {idx}; expected 0..n-1 with n >= 1 in every stage.")
+    blocks[stage] = len(idx)
+  return blocks
+
+
+def _infer_resnet(state_dict) -> ResNetArchitecture:
+  for name in ("conv1.weight", "fc.weight"):
+    if name not in state_dict:
+      raise ValueError(f"not a ResNet state_dict: {name!r} is missing; expected the reference ResNet naming conv1, "
+                       "bn1, layer{1,2,3,4}.{i}.*, fc, fc1.")
+  blocks = tuple(_stage_blocks(state_dict, "layer{stage}", (1, 2, 3, 4)).values())
+  block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
+  stem, fc = state_dict["conv1.weight"], state_dict["fc.weight"]
+  if stem.ndim != 4 or stem.shape[2:] != (3, 3):
+    raise ValueError(f"conv1.weight has shape {stem.shape}; the reference ResNet's stem is a [64, C_in, 3, 3] "
+                     "convolution (a 7x7 ImageNet stem is a different architecture).")
+  arch = ResNetArchitecture(blocks=blocks, block=block, base_width=stem.shape[0], num_classes=fc.shape[0],
+                            in_channels=stem.shape[1])
+  if fc.ndim != 2 or fc.shape[1] != arch.feature_dim:
+    raise ValueError(f"fc.weight has shape {fc.shape}; with {block} blocks and base width {arch.base_width} (from "
+                     f"conv1) it must be [num_classes, {arch.feature_dim}].")
+  return arch
+
+
 def _block_layout(arch: Architecture):
   """(torch prefix, flax name, equal_in_out, uses_bn1) for every residual block."""
   n = (arch.depth - 4) // 6
@@ -364,7 +434,7 @@ def _block_layout(arch: Architecture):
       yield f"block{stage}.layer.{i}", f"block{stage}_{i}", equal, equal or stage == 1
 
 
-def torch_to_flax_names(arch: Architecture) -> dict[str, tuple[tuple[str, ...], str]]:
+def torch_to_flax_names(arch: Architecture | ResNetArchitecture) -> dict[str, tuple[tuple[str, ...], str]]:
   """torch tensor name -> (flax variable path, kind) of every tensor the flax model is built from.
 
   kind is "conv", "dense" or "copy" and says how the array is laid out.
@@ -379,19 +449,41 @@ def torch_to_flax_names(arch: Architecture) -> dict[str, tuple[tuple[str, ...], 
       names[f"{torch_name}.{tensor}"] = ((collection,) + path + (leaf,), "copy")
 
   conv("conv1", ("conv1",))
-  for torch_prefix, flax_name, equal, uses_bn1 in _block_layout(arch):
-    if uses_bn1:
-      bn(f"{torch_prefix}.bn1", (flax_name, "bn1"))
-    conv(f"{torch_prefix}.conv1", (flax_name, "conv1"))
-    bn(f"{torch_prefix}.bn2", (flax_name, "bn2"))
-    conv(f"{torch_prefix}.conv2", (flax_name, "conv2"))
-    if not equal:
-      conv(f"{torch_prefix}.convShortcut", (flax_name, "shortcut"))
-  bn("bn1", ("bn1",))
+  if isinstance(arch, ResNetArchitecture):
+    bn("bn1", ("bn1",))
+    for torch_prefix, flax_name, layers, has_shortcut in _resnet_block_layout(arch):
+      for i in range(1, layers + 1):
+        conv(f"{torch_prefix}.conv{i}", (flax_name, f"conv{i}"))
+        bn(f"{torch_prefix}.bn{i}", (flax_name, f"bn{i}"))
+      if has_shortcut:  # nn.Sequential(Conv2d, BatchNorm2d)
+        conv(f"{torch_prefix}.shortcut.0", (flax_name, "shortcut_conv"))
+        bn(f"{torch_prefix}.shortcut.1", (flax_name, "shortcut_bn"))
+  else:
+    for torch_prefix, flax_name, equal, uses_bn1 in _block_layout(arch):
+      if uses_bn1:
+        bn(f"{torch_prefix}.bn1", (flax_name, "bn1"))
+      conv(f"{torch_prefix}.conv1", (flax_name, "conv1"))
+      bn(f"{torch_prefix}.bn2", (flax_name, "bn2"))
+      conv(f"{torch_prefix}.conv2", (flax_name, "conv2"))
+      if not equal:
+        conv(f"{torch_prefix}.convShortcut", (flax_name, "shortcut"))
+    bn("bn1", ("bn1",))
   for head in ("fc", "fc1"):
     names[f"{head}.weight"] = (("params", head, "kernel"), "dense")
     names[f"{head}.bias"] = (("params", head, "bias"), "copy")
   return names
+
+
+def _resnet_block_layout(arch: ResNetArchitecture):
+  """(torch prefix, flax name, convolutions, has a shortcut convolution) for every residual block."""
+  from semi_jax.models.resnet import STAGE_STRIDES  # pylint: disable=import-outside-toplevel
+  c_in = arch.base_width
+  for stage, (count, stride) in enumerate(zip(arch.blocks, STAGE_STRIDES), start=1):
+    c_out = arch.base_width * 2 ** (stage - 1) * arch.expansion
+    for i in range(count):
+      yield (f"layer{stage}.{i}", f"layer{stage}_{i}", 3 if arch.block == "bottleneck" else 2,
+             (stride if i == 0 else 1) != 1 or c_in != c_out)
+      c_in = c_out
 
 
 def discarded_bn_names(arch: Architecture) -> list[str]:
@@ -400,12 +492,20 @@ def discarded_bn_names(arch: Architecture) -> list[str]:
           for t in _BN_TENSORS]
 
 
+def skipped_names(arch: Architecture | ResNetArchitecture) -> tuple[list[str], str]:
+  """Tensors of the reference model that the flax model does not build, and why: the WideResNet's discarded
+  BatchNorms, the ResNet's rotation head."""
+  if isinstance(arch, ResNetArchitecture):
+    return ["rot.weight", "rot.bias"], "the rotation head the reference builds and SeMi never trains or reads"
+  return discarded_bn_names(arch), "BatchNorm the reference computes and discards; not built"
+
+
 # --- conversion ------------------------------------------------------------------------------------------------
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, missing_fc1: str = "copy",
                        allow_unexpected: bool = False) -> tuple[dict[str, Any], ConversionReport]:
-  """A torch WideResNet state_dict (name -> array) as flax variables {'params': ..., 'batch_stats': ...}."""
+  """A torch WideResNet or ResNet state_dict (name -> array) as flax variables {'params': ..., 'batch_stats': ...}."""
   if missing_fc1 not in ("copy", "error"):
     raise ValueError(f"missing_fc1 must be copy or error, got {missing_fc1!r}.")
   state_dict, prefix = strip_wrapper_prefix(_as_arrays(state_dict, "state_dict"))
@@ -427,14 +527,15 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, missing_fc1: str
   if missing:
     raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) that {arch.describe()} needs: "
                      f"{', '.join(missing)}.")
-  discarded = [k for k in discarded_bn_names(arch) if k in state_dict]
+  skippable, why_skipped = skipped_names(arch)
+  discarded = [k for k in skippable if k in state_dict]
   counters = [k for k in state_dict if k.endswith(".num_batches_tracked") or k == "num_batches_tracked"]
   unexpected = sorted(set(state_dict) - set(wanted) - set(discarded) - set(counters))
   if unexpected and not allow_unexpected:
     raise ValueError(f"the checkpoint has {len(unexpected)} tensor(s) that {arch.describe()} does not use: "
                      f"{', '.join(unexpected)}. Pass allow_unexpected=True (--allow-unexpected) to skip them.")
   if discarded:
-    report.skipped.append(f"{', '.join(discarded)} (BatchNorm the reference computes and discards; not built)")
+    report.skipped.append(f"{', '.join(discarded)} ({why_skipped})")
   if unexpected:
     report.skipped.append(f"{', '.join(unexpected)} (unexpected, skipped as asked)")
   report.ignored_counters = len(counters)
@@ -477,13 +578,12 @@ def _leaves(tree):
       yield v
 
 
-def _check_against_model(variables, arch: Architecture) -> None:
-  """Every converted array must have the name and shape that the flax WideResNet initialises."""
+def _check_against_model(variables, arch: Architecture | ResNetArchitecture) -> None:
+  """Every converted array must have the name and shape that the flax model initialises."""
   import jax  # pylint: disable=import-outside-toplevel  (keeps `read_checkpoint` usable without jax start-up)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from semi_jax.models.wide_resnet import WideResNet  # pylint: disable=import-outside-toplevel
 
-  model = WideResNet(num_classes=arch.num_classes, depth=arch.depth, width=arch.width)
+  model = arch.model()
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, arch.in_channels)),
                                              train=False))
   expected = {k: tuple(v.shape) for k, v in flatten_variables(shapes).items()}
@@ -491,8 +591,8 @@ def _check_against_model(variables, arch: Architecture) -> None:
   wrong = sorted(f"{k}: model {expected.get(k)}, converted {got.get(k)}"
                  for k in set(expected) | set(got) if expected.get(k) != got.get(k))
   if wrong:
-    raise ValueError("converted tensors do not fit the flax WideResNet (wrong shape for the inferred architecture): "
-                     + "; ".join(wrong[:10]))
+    raise ValueError(f"converted tensors do not fit the flax {type(model).__name__} (wrong shape for the inferred "
+                     "architecture): " + "; ".join(wrong[:10]))
 
 
 def convert_checkpoint(path, *, which: str = "auto", missing_fc1: str = "copy", allow_unexpected: bool = False,
@@ -554,7 +654,7 @@ def load_variables(path) -> dict[str, Any]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m semi_jax.convert",
-      description="Convert a PyTorch SeMi/ACR/FixMatch WideResNet checkpoint into semi_jax flax variables.")
+      description="Convert a PyTorch SeMi/ACR/FixMatch WideResNet or ResNet checkpoint into semi_jax flax variables.")
   parser.add_argument("input", help="checkpoint: .pth/.pth.tar (state_dict or wrapped), or .npz of its arrays")
   parser.add_argument("output", help="output .npz with 'params/...' and 'batch_stats/...' arrays")
   parser.add_argument("--which", choices=("auto", "ema", "model"), default="auto",
@@ -562,7 +662,7 @@ def main(argv=None) -> int:
   parser.add_argument("--missing-fc1", choices=("copy", "error"), default="copy",
                       help="a checkpoint without the balanced head fc1: start it as a copy of fc, or refuse")
   parser.add_argument("--allow-unexpected", action="store_true",
-                      help="skip (and name) tensors the WideResNet does not use instead of failing")
+                      help="skip (and name) tensors the model does not use instead of failing")
   args = parser.parse_args(argv)
   try:
     with warnings.catch_warnings():

@@ -30,6 +30,7 @@ from flax import struct
 
 from semi_jax import sharding
 
+DTYPES = ("float32", "bfloat16")  # storage dtypes of the features (config field bank.dtype)
 
 @struct.dataclass
 class MemoryBank:

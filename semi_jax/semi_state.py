@@ -71,9 +71,9 @@ def pseudo_label_counts(target, mask, u_label, num_classes: int) -> dict:
           "correct": count(target, conf * kn * (target == true)), "confident_of_true": count(true, conf * kn)}
 
 
-def init(num_classes: int, feature_dim: int, bank_size: int) -> SemiState:
+def init(num_classes: int, feature_dim: int, bank_size: int, bank_dtype: str = "float32") -> SemiState:
   return SemiState(
-      bank=memory_bank.init_bank(num_classes, bank_size, feature_dim),
+      bank=memory_bank.init_bank(num_classes, bank_size, feature_dim, jnp.dtype(bank_dtype)),
       last_decay_step=jnp.zeros((), jnp.int32),
       label_counts=jnp.zeros((num_classes,), jnp.float32),
       class_weight=jnp.ones((num_classes,), jnp.float32),

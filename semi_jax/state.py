@@ -41,7 +41,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
       optax.sgd(lambda step: o.lr * lr_factor(step), momentum=o.momentum, nesterov=o.nesterov))
 
 
-def create_train_state(model, tx, rng, image_size: int, num_classes: int, bank_size: int) -> TrainState:
+def create_train_state(model, tx, rng, image_size: int, num_classes: int, bank_size: int,
+                       bank_dtype: str = "float32") -> TrainState:
   variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
   params = variables["params"]
   return TrainState(
@@ -51,4 +52,4 @@ def create_train_state(model, tx, rng, image_size: int, num_classes: int, bank_s
       opt_state=tx.init(params),
       # A real copy: donating the state must not see one buffer twice.
       ema_params=jax.tree.map(jnp.copy, params),
-      semi=semi_state.init(num_classes, model.feature_dim, bank_size))
+      semi=semi_state.init(num_classes, model.feature_dim, bank_size, bank_dtype))

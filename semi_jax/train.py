@@ -117,7 +117,8 @@ def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, pla
   repl = sharding.replicated(mesh)
   jit = functools.partial(jax.jit, compiler_options=options or None)
   init_state = jit(functools.partial(create_train_state, model, ctx.tx, image_size=config.data.image_size,
-                                     num_classes=num_classes, bank_size=config.bank.size), out_shardings=repl)
+                                     num_classes=num_classes, bank_size=config.bank.size,
+                                     bank_dtype=config.bank.dtype), out_shardings=repl)
   # The metric names are those the step returns, known once it is traced.
   out_shape = jax.eval_shape(functools.partial(steps.train_step, ctx=ctx), jax.eval_shape(init_state,
                              jax.random.key(0)), batch_spec(config, mesh), jax.random.key(0))[1]

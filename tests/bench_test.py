@@ -30,10 +30,17 @@ def test_quick_bench_writes_valid_json(tmp_path, capsys):
     assert r["images_per_step"] == 8 * 4  # labeled batch 8, mu 1: x + weak + 2 strong views
     assert r["compile_s"] > 0 and r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"]
     assert math.isclose(r["images_per_s"], r["images_per_step"] / (r["median_ms"] / 1000), rel_tol=1e-9)
+    m = r["memory"]  # the donated state and the batch are arguments; the state comes back aliased to them
+    assert 0 < m["alias_mb"] <= m["argument_mb"] and m["temp_mb"] > 0
+    assert math.isclose(m["peak_mb"], m["argument_mb"] + m["output_mb"] - m["alias_mb"] + m["temp_mb"], rel_tol=1e-9)
   assert set(result["semi_extra_pct_of_step"]) == {"acr", "fixmatch"}
-  assert [(r["classes"], r["size"], r["candidates"]) for r in result["bank_update"]] == list(
+  assert [(r["classes"], r["size"], r["candidates"], r["dim"], r["dtype"]) for r in result["bank_update"]] == list(
       bench.QUICK_BANK_SIZES)
   assert all(r["push_ms"] > 0 and r["push_decay_ms"] > 0 for r in result["bank_update"])
+  # features [C, K, D] in the bank's dtype, plus float32 confidences, int32 slots and two bool flags per entry
+  for r, bytes_per_feature in zip(result["bank_update"], (4, 2)):
+    entries = r["classes"] * r["size"]
+    assert math.isclose(r["bank_mb"] * 2 ** 20, entries * (r["dim"] * bytes_per_feature + 4 + 4 + 2), rel_tol=1e-12)
   assert result["eval_step"]["batch"] == 32 and result["eval_step"]["median_ms"] > 0
   assert result["input_pipeline"]["weak_2strong_images_per_s"] > 0
   env = result["environment"]
@@ -77,6 +84,21 @@ def test_profile_summarises_the_traced_step(tmp_path, capsys):
   assert math.isclose(profile["attributed_ms"], sum(profile["top_op_kinds_ms"].values()), rel_tol=1e-9) or (
       profile["attributed_ms"] > sum(profile["top_op_kinds_ms"].values()))
   assert "profile of one semi step" in capsys.readouterr().out
+
+
+def test_cost_only_compiles_a_resnet_step_without_running_it(tmp_path, capsys):
+  """The ImageNet-127 config (ResNet-50) in its quick form: one bottleneck per stage at base width 4, 127 classes,
+  a labeled batch of 2; FLOPs and memory of the compiled step only."""
+  out = tmp_path / "bench.json"
+  bench.main([*IN_PROCESS, "--algos=semi", f"--config={os.path.join(ROOT, 'configs', 'imagenet127.py')}:size=64",
+              "--batch_size=2", "--cost_only", f"--out={out}"])
+  result = json.loads(out.read_text())
+  assert "train_step" not in result and "bank_update" not in result
+  assert result["model"].startswith("resnet (1, 1, 1, 1) bottleneck, base width 4: ")
+  assert "D = 128, 127 classes, 8x8 images, labeled batch 2, mu 1" in result["model"]
+  r = result["train_step_cost"]["semi"]
+  assert r["images_per_step"] == 2 * 4 and r["gflop_per_step"] > 0 and r["memory"]["peak_mb"] > 0
+  assert "semi train step (8 images), compiled in" in capsys.readouterr().out
 
 
 def test_rejects_bad_arguments():

@@ -28,7 +28,7 @@ CASES = [
     ("data.prefetch", -1, ">= 0"),
     ("model.depth", 12, "6n+4"),
     ("model.dropout", 1.0, "[0, 1)"),
-    ("model.name", "resnet", "choose one of"),
+    ("model.name", "vit", "choose one of"),
     ("model.dtype", "float16", "choose one of"),
     ("train.batch_size", 0, ">= 1"),
     ("train.mu", 0, ">= 1"),
@@ -46,6 +46,7 @@ CASES = [
     ("miner.mode", "loss", "choose one of"),
     ("miner.hard_fraction", 0.0, "(0, 1]"),
     ("bank.size", 0, "K entries per class must be >= 1"),
+    ("bank.dtype", "float16", "choose one of ('float32', 'bfloat16')"),
     ("bank.beta.value", 1.2, "leaves [0.0, 1.0]"),
     ("plce.alpha", 2.0, "[0, 1]"),
     ("plce.class_weight", "inverse", "choose one of"),
@@ -68,6 +69,29 @@ def test_invalid_value_is_named_in_the_message(field, value, words):
   else:
     assert f"config field {field}={value!r} is invalid" in message, message
   assert words in message, message
+
+
+RESNET_CASES = [
+    ("model.blocks", (3, 4, 6), "4 residual-block counts >= 1, one per stage"),
+    ("model.blocks", (3, 0, 6, 3), "(3, 4, 6, 3) with model.block=bottleneck is ResNet-50"),
+    ("model.block", "wide", "choose one of ('bottleneck', 'basic')"),
+    ("model.base_width", 0, "must be >= 1"),
+    ("model.dropout", 0.1, "applies to model.name=wide_resnet only"),
+]
+
+
+@pytest.mark.parametrize("field,value,words", RESNET_CASES, ids=[f"{c[0]}={c[1]}" for c in RESNET_CASES])
+def test_resnet_fields_are_checked_with_the_resnet(field, value, words):
+  config = test_config.get_config()
+  config.model.name = "resnet"
+  config.model.depth = 50  # WideResNet's field: resnet does not read it, so no 6n+4 error
+  config_validation.validate(config)
+  _set(config, field, value)
+  with pytest.raises(config_validation.ConfigError, match="config field " + field) as err:
+    config_validation.validate(config)
+  assert words in str(err.value), str(err.value)
+  config.model.name, config.model.depth = "wide_resnet", 10  # the WideResNet reads none of the values above
+  config_validation.validate(config)
 
 
 def test_batches_must_divide_over_devices_and_processes():

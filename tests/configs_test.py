@@ -111,6 +111,11 @@ def test_bad_arguments_are_clear_errors():
 def test_imagenet_size_argument():
   c = _load(f"{ROOT}/configs/imagenet127.py:size=64,algo=acr")
   assert c.data.name == "imagenet127_64" and c.data.image_size == 64 and c.ssl.algo == "acr"
+  # ResNet-50 as in the paper, with torch's default BatchNorm momentum 0.1
+  assert (c.model.name, tuple(c.model.blocks), c.model.block, c.model.base_width) == (
+      "resnet", (3, 4, 6, 3), "bottleneck", 64)
+  assert c.model.bn_momentum == 0.9
+  config_validation.validate(c)
 
 
 def test_cli_missing_data_set_is_one_clear_line(tmp_path):

@@ -194,8 +194,12 @@ def test_wrong_shapes_and_values_are_errors():
   sd = {k: v for k, v in sd.items() if not k.startswith("block3.")}
   with pytest.raises(ValueError, match="block3"):
     convert.convert_state_dict(sd)
-  with pytest.raises(ValueError, match="not a WideResNet state_dict"):
+  with pytest.raises(ValueError, match="not a WideResNet or ResNet state_dict: 'conv1.weight' is missing"):
+    convert.convert_state_dict({"features.0.weight": np.zeros((64, 3, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match="not a ResNet state_dict: 'conv1.weight' is missing"):
     convert.convert_state_dict({"layer1.0.conv1.weight": np.zeros((64, 64, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match=r"conv1.weight has shape \(64, 3, 7, 7\); .* 7x7 ImageNet stem"):
+    convert.convert_state_dict({**resnet_state_dict(), "conv1.weight": np.zeros((64, 3, 7, 7), np.float32)})
 
 
 def test_bad_files_give_clear_errors(tmp_path):
@@ -302,3 +306,67 @@ def test_load_variables_rejects_other_files(tmp_path):
   text.write_text("params")
   with pytest.raises(ValueError, match="not an .npz of flax variables"):
     convert.load_variables(text)
+
+
+def resnet_state_dict(blocks=(1, 2, 1, 1), block="bottleneck", base=4, num_classes=5, seed=0, rotation=True):
+  """A state_dict with the names and shapes of the reference's CIFAR-style torch ResNet (layerS.I.*, shortcut.0/1)."""
+  rng = np.random.default_rng(seed)
+  expansion = 4 if block == "bottleneck" else 1
+  sd = {}
+
+  def add_bn(name, c):
+    for tensor in ("weight", "bias", "running_mean", "running_var"):
+      sd[f"{name}.{tensor}"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    sd[f"{name}.num_batches_tracked"] = np.asarray(9, np.int64)
+
+  def add_conv(name, c_out, c_in, k):
+    sd[f"{name}.weight"] = rng.normal(0, 0.1, (c_out, c_in, k, k)).astype(np.float32)
+
+  add_conv("conv1", base, 3, 3)
+  add_bn("bn1", base)
+  c_in = base
+  for stage, count in enumerate(blocks, start=1):
+    w = base * 2 ** (stage - 1)
+    for i in range(count):
+      p = f"layer{stage}.{i}"
+      convs = [(w, c_in, 1), (w, w, 3), (w * 4, w, 1)] if block == "bottleneck" else [(w, c_in, 3), (w, w, 3)]
+      for j, (co, ci, k) in enumerate(convs, start=1):
+        add_conv(f"{p}.conv{j}", co, ci, k)
+        add_bn(f"{p}.bn{j}", co)
+      if (stage > 1 and i == 0) or c_in != w * expansion:
+        add_conv(f"{p}.shortcut.0", w * expansion, c_in, 1)
+        add_bn(f"{p}.shortcut.1", w * expansion)
+      c_in = w * expansion
+  for head in ("fc", "fc1") + (("rot",) if rotation else ()):
+    sd[f"{head}.weight"] = rng.normal(0, 0.1, (4 if head == "rot" else num_classes, c_in)).astype(np.float32)
+    sd[f"{head}.bias"] = rng.normal(0, 0.1, 4 if head == "rot" else num_classes).astype(np.float32)
+  return sd
+
+
+@pytest.mark.parametrize("blocks,block,rotation", [((1, 2, 1, 1), "bottleneck", True), ((2, 1, 1, 2), "basic", False)])
+def test_resnet_state_dicts_are_recognised_and_laid_out(blocks, block, rotation):
+  sd = resnet_state_dict(blocks, block, rotation=rotation)
+  variables, report = convert.convert_state_dict({f"module.{k}": v for k, v in sd.items()})
+  assert report.architecture == convert.ResNetArchitecture(blocks=blocks, block=block, base_width=4, num_classes=5)
+  assert report.stripped_prefix == "module." and bool(report.skipped) == rotation
+  params, stats = variables["params"], variables["batch_stats"]
+  np.testing.assert_array_equal(params["layer2_0"]["shortcut_conv"]["kernel"],
+                                sd["layer2.0.shortcut.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(stats["layer2_0"]["shortcut_bn"]["var"], sd["layer2.0.shortcut.1.running_var"])
+  np.testing.assert_array_equal(params["layer1_0"]["conv2"]["kernel"],
+                                sd["layer1.0.conv2.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(params["fc1"]["kernel"], sd["fc1.weight"].T)
+  logits, logits_b, feats = jax.eval_shape(report.architecture.model().apply, variables,
+                                           np.ones((2, 8, 8, 3), np.float32))
+  assert logits.shape == logits_b.shape == (2, 5) and feats.shape == (2, report.architecture.feature_dim)
+
+
+def test_a_resnet_missing_a_shortcut_batchnorm_is_named():
+  sd = resnet_state_dict()
+  del sd["layer3.0.shortcut.1.running_var"]
+  with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) .*ResNet .*layer3.0.shortcut.1.running_var"):
+    convert.convert_state_dict(sd)
+  sd = resnet_state_dict()
+  sd["layer3.0.extra.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match="layer3.0.extra.weight"):
+    convert.convert_state_dict(sd)

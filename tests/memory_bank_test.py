@@ -289,3 +289,28 @@ def test_push_and_decay_move_no_stored_feature():
     decayed = mb.decay(bank, 0.5)
     np.testing.assert_array_equal(decayed.feats, bank.feats)
     bank = decayed
+
+
+def test_a_bfloat16_bank_stores_rounded_features_and_ranks_like_a_float32_one():
+  """bank.dtype=bfloat16 halves the [C, K, D] table; confidences stay float32, so every ranking, slot and flag is
+  the float32 bank's, each stored feature is the float32 one rounded to bfloat16, and the prototypes (computed in
+  float32) are within bfloat16 rounding (relative 2**-8) of the float32 bank's."""
+  rng = np.random.default_rng(5)
+  num_classes, size, dim = 6, 8, 64
+  banks = {dtype: mb.init_bank(num_classes, size, dim, dtype) for dtype in (jnp.float32, jnp.bfloat16)}
+  for step in range(5):
+    feats = rng.standard_normal((40, dim)).astype(np.float32)
+    conf = rng.uniform(0.5, 1.0, 40).astype(np.float32)
+    labels, valid = rng.integers(0, num_classes, 40), rng.uniform(size=40) < 0.8
+    banks = {d: push(b, feats, conf, labels, valid) for d, b in banks.items()}
+    if step == 2:
+      banks = {d: mb.decay(b, 0.9) for d, b in banks.items()}
+  full, half = banks[jnp.float32], banks[jnp.bfloat16]
+  assert half.feats.dtype == jnp.bfloat16 and half.conf.dtype == jnp.float32
+  assert half.feats.nbytes * 2 == full.feats.nbytes
+  for name in ("conf", "filled", "fresh", "slot"):
+    np.testing.assert_array_equal(getattr(half, name), getattr(full, name), err_msg=name)
+  np.testing.assert_array_equal(np.asarray(half.feats), np.asarray(full.feats.astype(jnp.bfloat16)))
+  (p_full, has_full), (p_half, has_half) = mb.prototypes(full), mb.prototypes(half)
+  assert p_half.dtype == jnp.float32 and np.array_equal(has_full, has_half) and has_full.all()
+  np.testing.assert_allclose(p_half, p_full, atol=2.0 ** -8 * float(np.abs(full.feats).max()))

@@ -19,26 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from semi_jax.cpu import batch_norm as cpu_batch_norm
-from semi_jax.cpu import conv as cpu_conv
-
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-dense_init = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
-
-
-def _layers(cpu_fast_paths: bool, dtype, bn_momentum: float):
-  """(conv, batch_norm) constructors: conv(features, kernel, stride, name), batch_norm(train, name)."""
-  if cpu_fast_paths:
-    conv = lambda ch, k, s, name: cpu_conv.Conv(ch, (k, k), (s, s), padding=k // 2, kernel_init=conv_init,
-                                                dtype=dtype, name=name)
-    norm = lambda train, name: cpu_batch_norm.BatchNorm(use_running_average=not train, momentum=bn_momentum,
-                                                        epsilon=1e-5, dtype=dtype, name=name)
-  else:
-    conv = lambda ch, k, s, name: nn.Conv(ch, (k, k), (s, s), padding=k // 2, use_bias=False,
-                                          kernel_init=conv_init, dtype=dtype, name=name)
-    norm = lambda train, name: nn.BatchNorm(use_running_average=not train, momentum=bn_momentum, epsilon=1e-5,
-                                            dtype=dtype, name=name)
-  return conv, norm
+from semi_jax.models.layers import make_layers, pool_and_heads
 
 
 class BasicBlock(nn.Module):
@@ -53,7 +34,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv, norm = _layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
+    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
     bn = lambda name: norm(train, name)
     act = lambda y: nn.leaky_relu(y, self.leaky_slope)
     equal_in_out = x.shape[-1] == self.out_channels
@@ -93,7 +74,7 @@ class WideResNet(nn.Module):
       raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}.")
     n = (self.depth - 4) // 6
     channels = (16, 16 * self.width, 32 * self.width, 64 * self.width)
-    conv, norm = _layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
+    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
     x = x.astype(self.dtype)
     x = conv(channels[0], 3, 1, "conv1")(x)
     for stage, (out_ch, stride) in enumerate(zip(channels[1:], (1, 2, 2))):
@@ -103,7 +84,4 @@ class WideResNet(nn.Module):
                        dtype=self.dtype, cpu_fast_paths=self.cpu_fast_paths, name=f"block{stage + 1}_{i}")(x, train)
     x = norm(train, "bn1")(x)
     x = nn.leaky_relu(x, self.leaky_slope)
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    dense = lambda name: nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=nn.initializers.zeros,
-                                  dtype=jnp.float32, name=name)
-    return dense("fc")(features), dense("fc1")(features), features
+    return pool_and_heads(x, self.num_classes)

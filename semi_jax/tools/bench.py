@@ -4,14 +4,23 @@ time, input pipeline.
   python -m semi_jax.tools.bench [--out=bench.json] [--steps=20] [--quick] [--algos=semi,acr,fixmatch]
                                  [--dtype=float32] [--cpu_fast_paths=auto] [--config=PATH] [--bank_calls=200]
                                  [--loop_steps=2000] [--input_seconds=5] [--profile=DIR] [--peak_tflops=T]
+                                 [--batch_size=B] [--eval_batch_size=E] [--cost_only]
 
 The default setting is the paper's CIFAR-10-LT step (`configs/cifar10_lt.py`, or `--config`): WRN-28-2, labeled
 batch 64, mu=1 (64 labeled + 3 x 64 unlabeled views = 256 images per forward pass), 10 classes, 32x32. `--quick`
 shrinks everything (WRN-10-1, 8x8, batch 8) to check that the script runs. The state and batches are synthetic
 (random uint8 images, a long-tailed class prior), so no data set is needed. Steps run on a 1-device mesh laid
 out as a real run is (state replicated, batch sharded over `data`), compiled as `semi_jax.train` compiles them
-(with the CPU fast paths where `--cpu_fast_paths` and the device say so). The loop measurement runs
-`semi_jax.train`'s own training loop with a trivial model on every device, to show its host time per step.
+(with the CPU fast paths where `--cpu_fast_paths` and the device say so), with the class count of the config's
+data set. The loop measurement runs `semi_jax.train`'s own training loop with a trivial model on every device, to
+show its host time per step.
+
+Every train step also reports its FLOPs (XLA's cost model) and the device memory of the compiled program
+(`memory_analysis`: arguments, i.e. the donated state and the batch, outputs and temporaries). `--batch_size` and
+`--eval_batch_size` shrink a configuration to what the machine can run (ResNet-50 at 64x64 on a few CPU cores);
+`--cost_only` compiles the configured train steps without running them and reports only FLOPs and memory (the
+full-size figures of a step too big for the machine). On CPUs the memory figures come from XLA:CPU's buffer
+assignment, an estimate of what a GPU or TPU program needs.
 """
 from __future__ import annotations
 
@@ -35,26 +44,33 @@ import numpy as np
 from semi_jax import config_files, cpu, datasets, files, memory_bank, sharding, startup, train
 from semi_jax.cpu import malloc
 
-# (num_classes, bank size K, candidates N) of CIFAR-10, CIFAR-100 and ImageNet-127 (N = 2 strong views x U).
-BANK_SIZES = ((10, 128, 128), (100, 128, 512), (127, 128, 1024))
-QUICK_BANK_SIZES = ((10, 8, 16), (20, 8, 32))
-FEATURE_DIM = 128
+# (num_classes, bank size K, candidates N, feature dim D, feature dtype) of CIFAR-10, CIFAR-100 (WRN-28-2: D = 128)
+# and ImageNet-127 (N = 2 strong views x U), the latter also with ResNet-50's D = 2048 in both bank dtypes.
+BANK_SIZES = ((10, 128, 128, 128, "float32"), (100, 128, 512, 128, "float32"), (127, 128, 1024, 128, "float32"),
+              (127, 128, 1024, 2048, "float32"), (127, 128, 1024, 2048, "bfloat16"))
+QUICK_BANK_SIZES = ((10, 8, 16, 128, "float32"), (20, 8, 32, 64, "bfloat16"))
 WARMUP_STEPS = 2
 STEP_SEED = 1  # the train step's rng key
 
 
 def bench_config(algo: str, quick: bool, dtype: str = "float32", cpu_fast_paths: str = "auto",
-                 config_path: str | None = None):
-  """The config of `config_path` (default: the CIFAR-10-LT config) for `algo`, or its tiny version with `quick`."""
-  config = config_files.load(f"{config_path or config_files.repo_config('cifar10_lt')}:algo={algo}")
+                 config_path: str | None = None, batch_size: int | None = None, eval_batch_size: int | None = None):
+  """The config of `config_path` (default: the CIFAR-10-LT config) for `algo`, or its tiny version with `quick`
+  (WRN-10-1, or a ResNet of one bottleneck per stage at base width 4, on 8x8 images); `batch_size` and
+  `eval_batch_size` replace the config's."""
+  spec = config_path or config_files.repo_config("cifar10_lt")
+  config = config_files.load(f"{spec}{',' if ':' in spec else ':'}algo={algo}")
   config.model.dtype = dtype
   config.cpu_fast_paths = cpu_fast_paths
   if quick:
     config.data.image_size = 8
     config.model.depth, config.model.width = 10, 1
+    config.model.blocks, config.model.base_width = (1, 1, 1, 1), 4
     config.train.batch_size = 8
     config.train.eval_batch_size = 32
     config.bank.size = 8
+  config.train.batch_size = batch_size or config.train.batch_size
+  config.train.eval_batch_size = eval_batch_size or config.train.eval_batch_size
   return config
 
 
@@ -72,6 +88,20 @@ def _flops(lowered) -> float | None:
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+def _memory(compiled) -> dict:
+  """Device memory of a compiled program in MB (None where the backend reports none): arguments (the donated state
+  and the batch), outputs, the part of the outputs aliased to arguments, temporaries, and their sum less the
+  aliases, the program's peak."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  mb = lambda n: n / 2 ** 20
+  out = {"argument_mb": mb(stats.argument_size_in_bytes), "output_mb": mb(stats.output_size_in_bytes),
+         "alias_mb": mb(stats.alias_size_in_bytes), "temp_mb": mb(stats.temp_size_in_bytes)}
+  out["peak_mb"] = out["argument_mb"] + out["output_mb"] - out["alias_mb"] + out["temp_mb"]
+  return out
 
 
 def _class_prior(num_classes: int, imbalance: float = 100.0) -> np.ndarray:
@@ -187,18 +217,28 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profil
           "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
           "steps": len(times),
           "gflop_per_step": None if flops is None else flops / 1e9,
-          "gflop_per_s": None if flops is None else flops / 1e9 / (ms / 1000.0), "profile": profile}
+          "gflop_per_s": None if flops is None else flops / 1e9 / (ms / 1000.0), "profile": profile,
+          "memory": _memory(step.compiled)}
 
 
-def _random_candidates(rng: np.random.Generator, n: int, num_classes: int) -> tuple:
-  feats = rng.standard_normal((n, FEATURE_DIM)).astype(np.float32)
+def train_step_cost(config, num_classes: int = 10) -> dict:
+  """FLOPs and device memory of the compiled train step of `config`, without running it."""
+  step = compiled_train_step(config, num_classes)
+  flops = _flops(step.lowered)
+  t = config.train
+  return {"algo": config.ssl.algo, "compile_s": step.compile_s, "images_per_step": t.batch_size * (1 + 3 * t.mu),
+          "gflop_per_step": None if flops is None else flops / 1e9, "memory": _memory(step.compiled)}
+
+
+def _random_candidates(rng: np.random.Generator, n: int, num_classes: int, dim: int) -> tuple:
+  feats = rng.standard_normal((n, dim)).astype(np.float32)
   conf = rng.uniform(0.9, 1.0, n).astype(np.float32)
   labels = rng.integers(0, num_classes, n).astype(np.int32)
   return feats, conf, labels, np.ones(n, bool)
 
 
-def time_bank_update(num_classes: int, size: int, candidates: int, calls: int) -> dict:
-  """Median time of one jitted push + decay (and of push alone) on a full bank.
+def time_bank_update(num_classes: int, size: int, candidates: int, dim: int, dtype: str, calls: int) -> dict:
+  """Median time of one jitted push + decay (and of push alone) on a full bank of `dtype` features.
 
   The bank is donated and each call's result feeds the next, as in the train step (whose state is donated),
   so that XLA can write the entering features in place.
@@ -206,11 +246,12 @@ def time_bank_update(num_classes: int, size: int, candidates: int, calls: int) -
   rng = np.random.default_rng(0)
   push = jax.jit(memory_bank.push, donate_argnums=0)
   update = jax.jit(lambda bank, *c: memory_bank.decay(memory_bank.push(bank, *c), 0.99), donate_argnums=0)
-  bank = memory_bank.init_bank(num_classes, size, FEATURE_DIM)
+  bank = memory_bank.init_bank(num_classes, size, dim, jnp.dtype(dtype))
   for _ in range(max(1, -(-2 * num_classes * size // candidates))):  # fill (about 2 K per class offered)
-    bank = push(bank, *_random_candidates(rng, candidates, num_classes))
-  offers = [jax.device_put(_random_candidates(rng, candidates, num_classes)) for _ in range(4)]
-  result = {"classes": num_classes, "size": size, "candidates": candidates, "dim": FEATURE_DIM, "calls": calls}
+    bank = push(bank, *_random_candidates(rng, candidates, num_classes, dim))
+  offers = [jax.device_put(_random_candidates(rng, candidates, num_classes, dim)) for _ in range(4)]
+  result = {"classes": num_classes, "size": size, "candidates": candidates, "dim": dim, "dtype": dtype,
+            "calls": calls, "bank_mb": sum(a.nbytes for a in jax.tree.leaves(bank)) / 2 ** 20}
   for name, fn in (("push_ms", push), ("push_decay_ms", update)):
     bank = jax.block_until_ready(fn(bank, *offers[0]))
     times, cpu_times = [], []
@@ -341,11 +382,13 @@ def _jaxlib_version() -> str:
 def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"), dtype: str = "float32",
         bank_calls: int = 200, input_seconds: float = 5.0, profile_dir: str | None = None,
         peak_tflops: float | None = None, cpu_fast_paths: str = "auto", config_path: str | None = None,
-        loop_steps: int = 2000) -> dict:
+        loop_steps: int = 2000, batch_size: int | None = None, eval_batch_size: int | None = None,
+        cost_only: bool = False) -> dict:
   """Runs every measurement and returns them as one JSON-serialisable dict.
 
   With `peak_tflops` (the device's peak for the dtype in use, e.g. the tensor-core peak for bfloat16), every
   train step also gets `fraction_of_peak`: its GFLOP/s (from XLA's FLOP count of the program) over that peak.
+  With `cost_only`, only the train steps are compiled, not run, and only their FLOPs and memory reported.
   """
   if peak_tflops is not None and not peak_tflops > 0:
     raise ValueError(f"peak_tflops must be > 0 (the device's peak TFLOP/s for {dtype}), got {peak_tflops}.")
@@ -357,13 +400,19 @@ def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"),
     raise ValueError("algos is empty; name at least one of semi, acr, fixmatch, fixmatch_la.")
   if loop_steps < 0:
     raise ValueError(f"loop_steps must be >= 0 (0 skips the loop measurement), got {loop_steps}.")
-  config_of = lambda algo: bench_config(algo, quick, dtype, cpu_fast_paths, config_path)
-  result = {"environment": environment(config_of(algos[0])), "quick": quick, "dtype": dtype,
-            "peak_tflops": peak_tflops, "train_step": {}}
+  config_of = lambda algo: bench_config(algo, quick, dtype, cpu_fast_paths, config_path, batch_size, eval_batch_size)
+  config = config_of(algos[0])
+  num_classes = datasets.num_classes(config.data.name)
+  result = {"environment": environment(config), "quick": quick, "dtype": dtype, "peak_tflops": peak_tflops,
+            "model": describe_model(config, num_classes)}
+  if cost_only:
+    result["train_step_cost"] = {algo: train_step_cost(config_of(algo), num_classes) for algo in algos}
+    return result
+  result["train_step"] = {}
   if loop_steps:  # first: after the big steps, a heap grown by them makes the loop's small allocations slower
     result["training_loop"] = time_training_loop(loop_steps, warmup=min(200, loop_steps))
   for i, algo in enumerate(algos):  # only the first algorithm's step is profiled
-    r = time_train_step(config_of(algo), steps, profile_dir=profile_dir if i == 0 else None)
+    r = time_train_step(config_of(algo), steps, num_classes, profile_dir=profile_dir if i == 0 else None)
     if peak_tflops is not None and r["gflop_per_s"] is not None:
       r["fraction_of_peak"] = r["gflop_per_s"] / (1000.0 * peak_tflops)
     result["train_step"][algo] = r
@@ -372,14 +421,34 @@ def run(steps: int = 20, quick: bool = False, algos=("semi", "acr", "fixmatch"),
     result["semi_extra_pct_of_step"] = {
         base: 100.0 * (ts["semi"]["median_ms"] - ts[base]["median_ms"]) / ts["semi"]["median_ms"]
         for base in ts if base != "semi"}
-  result["bank_update"] = [time_bank_update(c, k, n, bank_calls)
-                           for c, k, n in (QUICK_BANK_SIZES if quick else BANK_SIZES)]
-  config = config_of(algos[0])
-  result["eval_step"] = time_eval_step(config, calls=max(3, steps // 2))
+  result["bank_update"] = [time_bank_update(c, k, n, d, dt, bank_calls)
+                           for c, k, n, d, dt in (QUICK_BANK_SIZES if quick else BANK_SIZES)]
+  result["eval_step"] = time_eval_step(config, calls=max(3, steps // 2), num_classes=num_classes)
   if input_seconds > 0:
     result["input_pipeline"] = time_input_pipeline(config.data.image_size, config.train.batch_size,
                                                    input_seconds)
   return result
+
+
+def describe_model(config, num_classes: int) -> str:
+  """The timed model in words, e.g. 'resnet (3, 4, 6, 3) bottleneck, base width 64: 24.0 M parameters, D = 2048'."""
+  from semi_jax.models import create_model  # pylint: disable=import-outside-toplevel
+  model = create_model(config.model, num_classes)
+  size = config.data.image_size
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  count = sum(a.size for a in jax.tree.leaves(shapes["params"]))
+  m = config.model
+  name = (f"resnet {tuple(m.blocks)} {m.block}, base width {m.base_width}" if m.name == "resnet"
+          else f"wide_resnet-{m.depth}-{m.width}")
+  return (f"{name}: {count / 1e6:.2f} M parameters, D = {model.feature_dim}, {num_classes} classes, "
+          f"{size}x{size} images, labeled batch {config.train.batch_size}, mu {config.train.mu}")
+
+
+def _format_memory(memory: dict) -> str:
+  if not memory:
+    return "memory: not reported by this backend"
+  return (f"memory: {memory['peak_mb']:.0f} MB peak = arguments {memory['argument_mb']:.0f} + outputs "
+          f"{memory['output_mb']:.0f} - donated {memory['alias_mb']:.0f} + temporaries {memory['temp_mb']:.0f}")
 
 
 def format_report(result: dict) -> str:
@@ -387,16 +456,24 @@ def format_report(result: dict) -> str:
   lines = [f"jax {env['jax']} (jaxlib {env['jaxlib']}), {env['device_count']} x {env['device_kind']} "
            f"({env['backend']}), {env['cpu_count']} CPUs, dtype {result['dtype']}, "
            f"XLA_FLAGS={env['xla_flags'] or '(none)'}, CPU fast paths: {env['cpu_fast_paths']} (compiler "
-           f"options {env['compiler_options'] or 'none'}), malloc: {env['host_malloc']}", "",
-           "Wall-clock times; 'CPU ms' is the process's CPU time per call (all threads), which other load on the "
+           f"options {env['compiler_options'] or 'none'}), malloc: {env['host_malloc']}",
+           f"model: {result['model']}", ""]
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  if "train_step_cost" in result:
+    for algo, r in result["train_step_cost"].items():
+      lines.append(f"{algo} train step ({r['images_per_step']} images), compiled in {r['compile_s']:.1f} s, not run: "
+                   f"{fmt(r['gflop_per_step'], '.1f')} GFLOP; {_format_memory(r['memory'])}")
+    return "\n".join(lines)
+  lines += ["Wall-clock times; 'CPU ms' is the process's CPU time per call (all threads), which other load on the "
            "machine inflates much less.", "",
            f"{'train step':<12}{'compile s':>10}{'median ms':>11}{'min ms':>9}{'CPU ms':>9}{'images/s':>10}"
            f"{'GFLOP':>8}{'GFLOP/s':>9}"]
-  fmt = lambda v, spec: "-" if v is None else format(v, spec)
   for algo, r in result["train_step"].items():
     lines.append(f"{algo:<12}{r['compile_s']:>10.1f}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}"
                  f"{r['cpu_ms']:>9.1f}{r['images_per_s']:>10.1f}{fmt(r['gflop_per_step'], '8.1f')}"
                  f"{fmt(r['gflop_per_s'], '9.1f')}")
+  for algo, r in result["train_step"].items():
+    lines.append(f"{algo} step {_format_memory(r['memory'])}")
   for algo, r in result["train_step"].items():
     if "fraction_of_peak" in r:
       lines.append(f"{algo}: {100.0 * r['fraction_of_peak']:.1f}% of the given peak of {result['peak_tflops']:g} "
@@ -410,10 +487,11 @@ def format_report(result: dict) -> str:
                 f"{p['attributed_ms']:.0f} ms of XLA op time attributed over all threads (on CPU the Eigen "
                 "convolutions' work is not)"]
       lines += [f"  {ms:9.1f} ms  {kind}" for kind, ms in p["top_op_kinds_ms"].items()]
-  lines += ["", f"{'bank update (C, K, N), D=' + str(FEATURE_DIM):<30}{'push ms':>10}{'CPU ms':>9}"
+  lines += ["", f"{'bank update (C, K, N, D, dtype)':<40}{'MB':>7}{'push ms':>10}{'CPU ms':>9}"
             f"{'push+decay ms':>15}{'CPU ms':>9}"]
   for r in result["bank_update"]:
-    lines.append(f"{str((r['classes'], r['size'], r['candidates'])):<30}{r['push_ms']:>10.3f}"
+    sizes = (r["classes"], r["size"], r["candidates"], r["dim"], r["dtype"])
+    lines.append(f"{str(sizes):<40}{r['bank_mb']:>7.1f}{r['push_ms']:>10.3f}"
                  f"{r['push_cpu_ms']:>9.3f}{r['push_decay_ms']:>15.3f}{r['push_decay_cpu_ms']:>9.3f}")
   e = result["eval_step"]
   lines += ["", f"eval step, batch {e['batch']}: compile {e['compile_s']:.1f} s, median {e['median_ms']:.1f} ms "
@@ -455,13 +533,20 @@ def main(argv=None) -> None:
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="the device's peak TFLOP/s for --dtype (e.g. 989 for an H100 SXM's dense bfloat16 "
                            "tensor cores): adds each train step's fraction of it")
+  parser.add_argument("--batch_size", type=int, default=None, help="labeled batch of the timed steps (default: "
+                      "the config's; the unlabeled batch is mu times it)")
+  parser.add_argument("--eval_batch_size", type=int, default=None, help="batch of the timed eval step (default: "
+                      "the config's)")
+  parser.add_argument("--cost_only", action="store_true",
+                      help="compile the train steps without running them: FLOPs and device memory only")
   args = parser.parse_args(argv)
   startup.prepare(args.cpu_fast_paths)  # as semi_jax.main does, before JAX starts its threads
   try:
     result = run(steps=args.steps, quick=args.quick, algos=tuple(a for a in args.algos.split(",") if a),
                  dtype=args.dtype, bank_calls=args.bank_calls, input_seconds=args.input_seconds,
                  profile_dir=args.profile or None, peak_tflops=args.peak_tflops, cpu_fast_paths=args.cpu_fast_paths,
-                 config_path=args.config, loop_steps=args.loop_steps)
+                 config_path=args.config, loop_steps=args.loop_steps, batch_size=args.batch_size,
+                 eval_batch_size=args.eval_batch_size, cost_only=args.cost_only)
   except ValueError as e:
     raise SystemExit(f"semi_jax.tools.bench: {e}") from None
   print(format_report(result))
