@@ -98,9 +98,9 @@ def runs_on_device(setting: str, platforms) -> bool:
   """Whether `data.augment_on=setting` makes the views in the train step for a run on `platforms`.
 
   auto: on GPUs, whose hosts have few CPU cores per chip; elsewhere tf.data on the host, which overlaps with the
-  step. On CPUs the step and tf.data share the same cores and tf.data makes a view with less CPU time (the op
-  families cost every image three passes instead of one); TPU hosts have many cores per chip, and per-image
-  gathers are slow on TPUs (README, "Where augmentation runs").
+  step: on CPUs the views cost a few percent of the step either way and CPU runs keep the tf.data views the
+  golden tests pin; TPU hosts have many cores per chip, and per-pixel gathers are slow on TPUs (README, "Where
+  augmentation runs").
   """
   if setting not in PLACES:
     raise ValueError(f"data.augment_on must be one of {PLACES}, got {setting!r}.")
