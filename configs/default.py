@@ -35,6 +35,9 @@ def get_config(arg=None):
   data.randaugment_ops = 2  # strong augmentation: RandAugment ops per image
   data.randaugment_magnitude = 10  # strong augmentation: magnitudes drawn from [1, m)
   data.cutout_fraction = 0.5  # strong augmentation: Cutout square side as a fraction of the image side
+  # Where the weak and strong views are made: host (tf.data) | device (inside the jitted train step, from the
+  # source images) | auto (device on GPUs, whose hosts have few cores per chip; host elsewhere).
+  data.augment_on = "auto"
   data.prefetch = 2  # global batches prepared ahead of the train step
 
   # --- model ------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from semi_jax import cpu, long_tail, memory_bank, miner, models, objective, schedules, semi_state
+from semi_jax import cpu, device_augment, long_tail, memory_bank, miner, models, objective, schedules, semi_state
 from semi_jax.models import resnet
 
 
@@ -63,6 +63,22 @@ def _check_model_fields(m) -> None:
          "applies to model.name=wide_resnet only; the resnet has no dropout: set 0")
 
 
+def check_device_augment(config) -> None:
+  """ConfigError unless the train step can make the views of `config` (data.augment_on resolved to device)."""
+  d, t = config.data, config.train
+  try:
+    device_augment.Settings.from_config(d)
+  except ValueError as e:
+    raise ConfigError(f"config fields data.* of the augmentation with data.augment_on={d.augment_on!r}: {e} "
+                      "Fix the field, or set data.augment_on=host.") from None
+  # The device keys fold in int32 stream positions; the unlabeled stream reaches the largest.
+  last_position = t.total_steps * t.batch_size * t.mu - 1
+  _check(last_position < 2**31, "data.augment_on", d.augment_on,
+         f"the views are made on the device from int32 stream positions, but the unlabeled stream reaches "
+         f"position {last_position} (train.total_steps * train.batch_size * train.mu); use data.augment_on=host or "
+         "fewer steps")
+
+
 def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
   """Raises ConfigError for the first invalid value. With `num_devices` / `num_processes` (the data-axis
   size of the mesh and the JAX process count) also checks that every global batch divides over them."""
@@ -88,6 +104,10 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(1 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", d.randaugment_magnitude,
          "must be in [1, 30]")
   _check(0.0 <= d.cutout_fraction <= 1.0, "data.cutout_fraction", d.cutout_fraction, "must be in [0, 1]")
+  _check(d.augment_on in device_augment.PLACES, "data.augment_on", d.augment_on,
+         f"choose one of {device_augment.PLACES} (auto: device on GPUs, host elsewhere)")
+  if d.augment_on == "device":
+    check_device_augment(config)
   _check(m.name in models.MODELS, "model.name", m.name, f"choose one of {models.MODELS}")
   _check_model_fields(m)
   _check(0.0 < m.bn_momentum < 1.0, "model.bn_momentum", m.bn_momentum, "must be in (0, 1)")

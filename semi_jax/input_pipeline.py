@@ -12,7 +12,12 @@ Images stay uint8 until the train step normalises them on device.
 diagnostics only, -1 if unknown), u_index (index into the unlabeled set). `train_dataset`, what the train step
 reads, packs the four image groups into one array `images` laid out device block by device block
 (`pack_views`), so that the step finds each device's rows of every group in that device's shard and moves no
-input between devices. Eval batches: image, label, mask (False on padding).
+input between devices. With the augmentation on the device (`data.augment_on`, `views_on_device=True`) the
+streams stop before augmenting: `train_views` gives x and u, the source images, with x_position and u_position,
+their int32 stream positions, and `train_dataset` packs x and u into `images` and their positions into
+`positions` the same way, from which the train step makes the views (`device_augment.train_images`); the
+examples, their order and their positions are those of the host path. Eval batches: image, label, mask (False on
+padding).
 
 Host memory: the split is kept as indices, and the streams gather from the data set's own arrays, which
 TensorFlow reads in place where they are aligned as `datasets.aligned_empty` makes them (the loaders do):
@@ -34,6 +39,7 @@ from semi_jax.datasets.splits import labeled_unlabeled_indices, validation_indic
 
 LABELED_STREAM, UNLABELED_STREAM = 1, 2
 VIEWS = ("x", "u_weak", "u_strong1", "u_strong2")  # the image groups of a train batch, in `images` order
+SOURCES = ("x", "u")  # the image groups of a source batch (views made on the device), in `images` order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,20 +168,30 @@ def pack_views(views, blocks: int, xp=np):
 
 
 def train_dataset(data: SSLData, config, *, start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  blocks: int = 1) -> tf.data.Dataset:
+                  blocks: int = 1, views_on_device: bool = False) -> tf.data.Dataset:
   """The train step's batches of this process for steps start_step .. total_steps - 1: `train_views` with the
-  image groups packed into `images` for `blocks` devices (this process's devices on the mesh's data axis)."""
+  image groups packed into `images` for `blocks` devices (this process's devices on the mesh's data axis); with
+  `views_on_device`, the source images and their positions (see the module doc)."""
   def pack(batch):
     images = pack_views([batch.pop(k) for k in VIEWS], blocks, xp=tnp)
     return {"images": images, **batch}
+
+  def pack_sources(batch):
+    images = pack_views([batch.pop(k) for k in SOURCES], blocks, xp=tnp)
+    positions = pack_views([batch.pop(f"{k}_position") for k in SOURCES], blocks, xp=tnp)
+    return {"images": images, "positions": positions, **batch}
   views = train_views(data, config, start_step=start_step, process_index=process_index,
-                      process_count=process_count)
+                      process_count=process_count, views_on_device=views_on_device)
+  if views_on_device:
+    return views.map(pack_sources, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+        tf.data.AUTOTUNE)
   return views.map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 def train_views(data: SSLData, config, *, start_step: int = 0, process_index: int = 0,
-                process_count: int = 1) -> tf.data.Dataset:
-  """Batches of this process for steps start_step .. total_steps - 1, one key per view (see the module doc)."""
+                process_count: int = 1, views_on_device: bool = False) -> tf.data.Dataset:
+  """Batches of this process for steps start_step .. total_steps - 1, one key per view (see the module doc);
+  with `views_on_device`, the source images and their stream positions instead of the views."""
   config_validation.check_batches_divide(config, process_count, "JAX processes")
   t, d = config.train, config.data
   b, u = t.batch_size, t.batch_size * t.mu
@@ -196,15 +212,19 @@ def train_views(data: SSLData, config, *, start_step: int = 0, process_index: in
 
   def labeled(pos):
     i = _lookup(pos, n_x, kx)
-    return {"x": augment.labeled_view(_gather(pool, _gather(x_index, i)), _aug_seed(kx, pos), **aug),
-            "y": _gather(x_labels, i)}
+    image = _gather(pool, _gather(x_index, i))
+    if views_on_device:
+      return {"x": image, "x_position": tf.cast(pos, tf.int32), "y": _gather(x_labels, i)}
+    return {"x": augment.labeled_view(image, _aug_seed(kx, pos), **aug), "y": _gather(x_labels, i)}
 
   def unlabeled(pos):
     i = _lookup(pos, n_u, ku)
     image = _gather(u_images, i if u_index is None else _gather(u_index, i))
+    labels = {"u_label": _gather(u_labels, i), "u_index": tf.cast(i, tf.int32)}
+    if views_on_device:
+      return {"u": image, "u_position": tf.cast(pos, tf.int32), **labels}
     weak, s1, s2 = augment.unlabeled_views(image, _aug_seed(ku, pos), **strong)
-    return {"u_weak": weak, "u_strong1": s1, "u_strong2": s2, "u_label": _gather(u_labels, i),
-            "u_index": tf.cast(i, tf.int32)}
+    return {"u_weak": weak, "u_strong1": s1, "u_strong2": s2, **labels}
 
   opts = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   lab = _positions(start_step, t.total_steps, b, process_index, process_count).map(labeled, **opts)

@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from semi_jax import checkpointing, config_validation, cpu, datasets, files, input_pipeline, memory_bank, metrics
-from semi_jax import objective, semi_state, sharding
+from semi_jax import checkpointing, config_validation, cpu, datasets, device_augment, files, input_pipeline
+from semi_jax import memory_bank, metrics, objective, semi_state, sharding
 from semi_jax import train_step as steps
 from semi_jax.cpu import compiler_options
 from semi_jax.models import create_model
@@ -54,13 +54,16 @@ def _prefetch_to_mesh(iterator, mesh, size: int):
     yield queue.popleft()
 
 
-def batch_spec(config, mesh) -> dict:
-  """The abstract global train batch of `config` on `mesh`, with its sharding (see `train_step`)."""
+def batch_spec(config, mesh, views_on_device: bool = False) -> dict:
+  """The abstract global train batch of `config` on `mesh`, with its sharding (see `train_step`); with
+  `views_on_device` (`Program.views_on_device`), the source batch the step makes the views from."""
   t, s = config.train, config.data.image_size
   b, u = t.batch_size, t.batch_size * t.mu
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(mesh))
-  return {"images": spec((b + 3 * u, s, s, 3), jnp.uint8), "y": spec((b,), jnp.int32),
-          "u_label": spec((u,), jnp.int32), "u_index": spec((u,), jnp.int32)}
+  labels = {"y": spec((b,), jnp.int32), "u_label": spec((u,), jnp.int32), "u_index": spec((u,), jnp.int32)}
+  if views_on_device:
+    return {"images": spec((b + u, s, s, 3), jnp.uint8), "positions": spec((b + u,), jnp.int32), **labels}
+  return {"images": spec((b + 3 * u, s, s, 3), jnp.uint8), **labels}
 
 
 def eval_batch_spec(config, mesh) -> dict:
@@ -91,6 +94,21 @@ class Program:
   reset_pseudo_counts: Callable
   eval_step: Callable
 
+  @property
+  def views_on_device(self) -> bool:
+    """Whether the train step makes the views (data.augment_on) and so reads source batches."""
+    return self.ctx.augment is not None
+
+
+def augment_settings(config, mesh, platforms=None):
+  """The `device_augment.Settings` of a run whose train step makes the views (data.augment_on, resolved for
+  `platforms`, default: those of the mesh's devices), else None."""
+  if not device_augment.runs_on_device(config.data.augment_on, cpu.platforms_of(mesh) if platforms is None
+                                       else platforms):
+    return None
+  config_validation.check_device_augment(config)
+  return device_augment.Settings.from_config(config.data)
+
 
 def cpu_fast_paths(config, mesh, platforms=None) -> tuple[bool, dict]:
   """(whether the CPU fast paths are on, the XLA compiler options) of a run of `config` on `mesh`, meant for
@@ -113,7 +131,8 @@ def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, pla
   model = model or create_model(config.model, num_classes, cpu_fast_paths=fast)
   ctx = steps.StepContext(model=model, tx=make_optimizer(config), config=config,
                           class_prior=np.asarray(class_prior, np.float32), mean=np.asarray(mean, np.float32),
-                          std=np.asarray(std, np.float32), mesh=mesh)
+                          std=np.asarray(std, np.float32), mesh=mesh,
+                          augment=augment_settings(config, mesh, platforms))
   repl = sharding.replicated(mesh)
   jit = functools.partial(jax.jit, compiler_options=options or None)
   init_state = jit(functools.partial(create_train_state, model, ctx.tx, image_size=config.data.image_size,
@@ -121,7 +140,8 @@ def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, pla
                                      bank_dtype=config.bank.dtype), out_shardings=repl)
   # The metric names are those the step returns, known once it is traced.
   out_shape = jax.eval_shape(functools.partial(steps.train_step, ctx=ctx), jax.eval_shape(init_state,
-                             jax.random.key(0)), batch_spec(config, mesh), jax.random.key(0))[1]
+                             jax.random.key(0)), batch_spec(config, mesh, ctx.augment is not None),
+                             jax.random.key(0))[1]
   metrics_cls = metrics.train_metrics_collection(out_shape)
   loss_keys = tuple(k for k in sorted(out_shape) if k.startswith("loss"))
   step = functools.partial(steps.guarded_step, ctx=ctx, metrics_cls=metrics_cls,
@@ -193,7 +213,8 @@ class Trainer:
   def train_batches(self, start: int):
     """This process's train batches from step `start` on, as numpy arrays laid out for the mesh."""
     ds = input_pipeline.train_dataset(self.data, self.config, start_step=start, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), blocks=local_blocks(self.mesh))
+                                      process_count=jax.process_count(), blocks=local_blocks(self.mesh),
+                                      views_on_device=self.program.views_on_device)
     return input_pipeline.as_numpy(ds)
 
   def restore(self) -> int:

@@ -9,7 +9,9 @@ steps.
 Train batches (see input_pipeline): `images` uint8[B + 3U, H, W, 3] holds the four groups x, u_w, u_s, u_s' laid
 out device block by device block (`split_views`), so that every device finds its own rows of each group in its
 own shard; y int32[B]; u_label int32[U] (true label for diagnostics only, -1 if unknown; never in the loss);
-u_index int32[U]. Eval batches: image, label, mask.
+u_index int32[U]. With the augmentation on the device (`StepContext.augment`), `images` uint8[B + U] holds the
+source images x, u in the same block layout and `positions` int32[B + U] their stream positions; the step makes
+the views from them first (`device_augment.train_images`). Eval batches: image, label, mask.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from semi_jax import losses, objective, schedules, semi_state, sharding
+from semi_jax import device_augment, losses, objective, schedules, semi_state, sharding
 from semi_jax.state import TrainState
 
 
@@ -39,6 +41,9 @@ class StepContext:
   # memory-bank candidates are gathered to every device before the push, so the replicated bank is updated
   # locally instead of being all-reduced as a [C, K, D] table. None: one block, no gather (a single device).
   mesh: Any = None
+  # device_augment.Settings where the step makes the views from source images (data.augment_on); None: the batch
+  # holds the views, made by tf.data.
+  augment: Any = None
 
   @property
   def data_blocks(self) -> int:
@@ -70,7 +75,10 @@ def split_views(rows, batch_size: int, unlabeled_size: int, blocks: int) -> obje
 def compute_gradients(state: TrainState, batch, rng, ctx: StepContext):
   """Forward and objective: (gradients, new BatchNorm statistics, metrics, objective.Aux)."""
   b, u = batch["y"].shape[0], batch["u_label"].shape[0]
-  images = normalize(batch["images"], jnp.asarray(ctx.mean, jnp.float32), jnp.asarray(ctx.std, jnp.float32))
+  images = batch["images"]
+  if ctx.augment is not None:
+    images = device_augment.train_images(images, batch["positions"], rng, ctx.augment, b, u, ctx.data_blocks)
+  images = normalize(images, jnp.asarray(ctx.mean, jnp.float32), jnp.asarray(ctx.std, jnp.float32))
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):

@@ -6,6 +6,7 @@ another working directory."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -121,3 +122,15 @@ def test_fraction_of_a_given_peak(tmp_path, capsys):
   assert f"semi: {100 * r['fraction_of_peak']:.1f}% of the given peak of 0.5 TFLOP/s" in capsys.readouterr().out
   with pytest.raises(ValueError, match="peak_tflops must be > 0"):
     bench.run(steps=1, quick=True, peak_tflops=0)
+
+
+def test_augmentation_benchmark_measures_the_device_views(capsys):
+  from semi_jax.tools import bench_augment
+  bench_augment.main(["--where=device", "--steps=0", "--seconds=0.1", "--size=8", "--batch=4", "--cpu_fast_paths=off"])
+  printed = capsys.readouterr().out
+  for views in bench_augment.VIEWS:
+    assert re.search(rf"device cpu +views={re.escape(views)} +\d+ images/s +\d+ images/CPU-s", printed), printed
+  with pytest.raises(SystemExit, match="--where takes host and/or device"):
+    bench_augment.main(["--where=gpu"])
+  with pytest.raises(ValueError, match="views must be"):
+    bench_augment.measure_device("strong")

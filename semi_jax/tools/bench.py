@@ -116,14 +116,19 @@ def build_program(config, mesh, num_classes: int = 10, model=None) -> train.Prog
                              mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), model=model)
 
 
-def synthetic_batch(rng: np.random.Generator, config, num_classes: int, process_count: int = 1) -> dict:
+def synthetic_batch(rng: np.random.Generator, config, num_classes: int, process_count: int = 1,
+                    views_on_device: bool = False) -> dict:
   """One process's train batch of random images and labels, as `Trainer.train_batches` yields it (the layout of
-  random images needs no packing)."""
+  random images needs no packing); with `views_on_device`, the source batch (b + u images and their positions)
+  of a step that makes the views itself."""
   t, s = config.train, config.data.image_size
   b, u = t.batch_size // process_count, t.batch_size * t.mu // process_count
   label = lambda n: rng.integers(0, num_classes, (n,), dtype=np.int32)
-  return {"images": rng.integers(0, 256, (b + 3 * u, s, s, 3), dtype=np.uint8), "y": label(b), "u_label": label(u),
-          "u_index": np.arange(u, dtype=np.int32)}
+  labels = {"y": label(b), "u_label": label(u), "u_index": np.arange(u, dtype=np.int32)}
+  if views_on_device:
+    return {"images": rng.integers(0, 256, (b + u, s, s, 3), dtype=np.uint8),
+            "positions": np.arange(b + u, dtype=np.int32), **labels}
+  return {"images": rng.integers(0, 256, (b + 3 * u, s, s, 3), dtype=np.uint8), **labels}
 
 
 def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
@@ -163,6 +168,7 @@ class CompiledStep:
   carry: Any
   batches: list
   rng: Any
+  views_on_device: bool = False  # the step makes the views from source batches (data.augment_on)
 
   def run(self, batch_index: int = 0):
     """One step on batch `batch_index` (state and carry are donated and replaced); returns when it is done."""
@@ -185,13 +191,15 @@ def compiled_train_step(config, num_classes: int = 10, mesh=None) -> CompiledSte
   past_warmup = config.train.steps_per_epoch * (config.ssl.est_epoch + 1)
   state = state.replace(step=jax.device_put(jnp.asarray(past_warmup, jnp.int32), sharding.replicated(mesh)))
   rng = np.random.default_rng(0)
-  batches = [sharding.to_global(synthetic_batch(rng, config, num_classes), mesh) for _ in range(2)]
+  batches = [sharding.to_global(synthetic_batch(rng, config, num_classes, views_on_device=program.views_on_device),
+                                mesh) for _ in range(2)]
   carry = program.init_carry()
   step_rng = jax.random.key(STEP_SEED)
   start = time.perf_counter()
   lowered = program.train_step.lower(state, carry, batches[0], step_rng)
   compiled = lowered.compile()
-  return CompiledStep(compiled, lowered, time.perf_counter() - start, state, carry, batches, step_rng)
+  return CompiledStep(compiled, lowered, time.perf_counter() - start, state, carry, batches, step_rng,
+                      program.views_on_device)
 
 
 def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profile_dir: str | None = None) -> dict:
@@ -213,7 +221,8 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profil
   images = t.batch_size * (1 + 3 * t.mu)
   ms = _median_ms(times)
   flops = _flops(step.lowered)
-  return {"algo": config.ssl.algo, "compile_s": step.compile_s, "median_ms": ms, "min_ms": 1000.0 * min(times),
+  return {"algo": config.ssl.algo, "views_on_device": step.views_on_device, "compile_s": step.compile_s,
+          "median_ms": ms, "min_ms": 1000.0 * min(times),
           "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
           "steps": len(times),
           "gflop_per_step": None if flops is None else flops / 1e9,
@@ -321,7 +330,8 @@ def time_training_loop(steps: int, warmup: int = 200) -> dict:
     model = TrivialModel(num_classes=datasets.num_classes(config.data.name))
     trainer = train.Trainer(config, workdir, model=model)
     rng = np.random.default_rng(0)
-    pool = [synthetic_batch(rng, config, trainer.num_classes, jax.process_count()) for _ in range(4)]
+    pool = [synthetic_batch(rng, config, trainer.num_classes, jax.process_count(),
+                            views_on_device=trainer.program.views_on_device) for _ in range(4)]
     marks = {}
 
     def batches():

@@ -75,7 +75,8 @@ def lower(config, mesh, platforms=DEFAULT_PLATFORMS) -> list[Lowered]:
   state = _abstract(jax.eval_shape(program.init_state, jax.random.key(0)), repl)
   carry = _abstract(jax.eval_shape(program.init_carry), repl)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
-  jobs = (("train_step", program.train_step, (state, carry, train.batch_spec(config, mesh), rng)),
+  batch = train.batch_spec(config, mesh, program.views_on_device)
+  jobs = (("train_step", program.train_step, (state, carry, batch, rng)),
           ("eval_step", program.eval_step, (state.ema_params, state.batch_stats, train.eval_batch_spec(config, mesh))))
   results = []
   for name, fn, args in jobs:
