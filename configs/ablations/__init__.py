@@ -2,7 +2,8 @@
 
 A sweep file (decay.py, components.py) defines
   get_config(arg=None)  the base configuration. The argument `base=<name>` picks configs/<name>.py (default
-                        digits_lt); its other items go to that file, e.g. `:base=cifar10_lt,dist=reversed`.
+                        digits_lt_reversed, the embedded setting where methods differ most); its other
+                        items go to that file, e.g. `:base=cifar10_lt,dist=reversed`.
   get_sweep(arg=None)   [(variant name, {dotted.key: value, ...}), ...]. A value may be a dict (or a
                         ConfigDict), which sets those fields of a group and keeps the others, e.g.
                         {"bank.beta": {"kind": "linear", "value": 0.95, "end_value": 0.999}}.
@@ -13,7 +14,7 @@ A sweep file (decay.py, components.py) defines
 import importlib
 import os
 
-DEFAULT_BASE = "digits_lt"
+DEFAULT_BASE = "digits_lt_reversed"
 _CONFIG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -2,7 +2,8 @@
 
   python -m semi_jax.sweep --config=configs/ablations/components.py --workdir=/tmp/components
   python -m semi_jax.report --workdir=/tmp/components
-Base: configs/digits_lt.py; `:base=cifar10_lt,dist=reversed` etc. for the paper's settings.
+Base: configs/digits_lt_reversed.py; `:base=digits_lt` for the easier embedded split, `:base=cifar10_lt,dist=reversed`
+etc. for the paper's settings.
 
   variant          configuration
   fixmatch         FixMatch preset: one head, no SeMi component

@@ -2,8 +2,9 @@
 
   python -m semi_jax.sweep --config=configs/ablations/decay.py --workdir=/tmp/decay
   python -m semi_jax.report --workdir=/tmp/decay
-Base: configs/digits_lt.py (1,500 steps, a few minutes per run on a CPU); `:base=cifar10_lt` for the paper's
-setting, `:base=test` for a 3-step smoke test. Values tied to training length (decay interval, threshold
+Base: configs/digits_lt_reversed.py (1,000 steps, a few minutes per run on a CPU; `--together` trains all variants
+as one program); `:base=digits_lt` for the easier split, `:base=cifar10_lt` for the paper's setting, `:base=test`
+for a 3-step smoke test. Values tied to training length (decay interval, threshold
 steps) are derived from the base, so the same variants make sense for every base.
 
   variant           what changes (everything else as in the base)           question
