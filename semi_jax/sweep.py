@@ -236,21 +236,24 @@ def _read_summary(run: SweepRun):
 
 def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
   """Trains every unfinished run in order; returns one {variant, seed, workdir, status, summary} per run."""
+  import jax
   from semi_jax import train  # imported here: planning and --print_commands need no TensorFlow
 
   check_workdirs(runs)
+  lead = jax.process_index() == 0  # the only process that writes files
   results = []
   for i, run in enumerate(runs, 1):
     head = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
     if is_finished(run):
       log(f"{head}: finished, skipped ({run.workdir})")
-      if not files.exists(files.join(run.workdir, VARIANT_FILE)):
+      if lead and not files.exists(files.join(run.workdir, VARIANT_FILE)):
         write_variant_file(run)
       results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "skipped",
                       "summary": _read_summary(run)})
       continue
     log(f"{head}: training to step {run.config.train.total_steps} in {run.workdir}")
-    write_variant_file(run)
+    if lead:
+      write_variant_file(run)
     summary = train.train_and_evaluate(run.config, run.workdir)
     preempted = bool(summary.get("preempted"))
     results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir,

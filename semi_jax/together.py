@@ -178,14 +178,14 @@ def build_stacked_program(config, mesh: Mesh, runs: int, *, num_classes: int, cl
   model = create_model(config.model, num_classes, cpu_fast_paths=fast)
   ctx = steps.StepContext(model=model, tx=make_optimizer(config), config=config,
                           class_prior=np.asarray(class_prior, np.float32), mean=np.asarray(mean, np.float32),
-                          std=np.asarray(std, np.float32), mesh=mesh)
+                          std=np.asarray(std, np.float32), mesh=mesh, augment=train.augment_settings(config, mesh))
   by_run = NamedSharding(mesh, P(RUN_AXIS))
   jit = functools.partial(jax.jit, compiler_options=options or None)
   vmap = functools.partial(jax.vmap, spmd_axis_name=RUN_AXIS)
   init_one = functools.partial(create_train_state, model, ctx.tx, image_size=config.data.image_size,
-                               num_classes=num_classes, bank_size=config.bank.size)
+                               num_classes=num_classes, bank_size=config.bank.size, bank_dtype=config.bank.dtype)
   one_state = jax.eval_shape(init_one, jax.random.key(0))
-  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), train.batch_spec(config, mesh))
+  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), train.batch_spec(config, mesh, ctx.augment is not None))
   out_shape = jax.eval_shape(functools.partial(steps.train_step, ctx=ctx), one_state, batch, jax.random.key(0))[1]
   metrics_cls = metrics.train_metrics_collection(out_shape)
   loss_keys = tuple(k for k in sorted(out_shape) if k.startswith("loss"))
@@ -312,7 +312,7 @@ class GroupTrainer:
     member = {m.config.seed: m.config for m in reversed(self.members)}  # the stream of a seed: any of its runs
     iters = [input_pipeline.as_numpy(input_pipeline.train_dataset(
         self.data[s], member[s], start_step=start, process_index=self.slice_index, process_count=self.slice_count,
-        blocks=blocks)) for s in self.seeds]
+        blocks=blocks, views_on_device=self.program.ctx.augment is not None)) for s in self.seeds]
     for batches in zip(*iters):
       yield list(batches)
 
