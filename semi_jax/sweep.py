@@ -234,6 +234,15 @@ def _read_summary(run: SweepRun):
   return files.read_json(files.join(run.workdir, SUMMARY), strict=False)
 
 
+def _skip(run: SweepRun, head: str, lead: bool, log) -> dict:
+  """The result of a finished run, which is not trained again (its variant file rewritten where missing)."""
+  log(f"{head}: finished, skipped ({run.workdir})")
+  if lead and not files.exists(files.join(run.workdir, VARIANT_FILE)):
+    write_variant_file(run)
+  return {"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "skipped",
+          "summary": _read_summary(run)}
+
+
 def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
   """Trains every unfinished run in order; returns one {variant, seed, workdir, status, summary} per run."""
   import jax
@@ -245,11 +254,7 @@ def run_sweep(runs: Sequence[SweepRun], log=print) -> list[dict]:
   for i, run in enumerate(runs, 1):
     head = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
     if is_finished(run):
-      log(f"{head}: finished, skipped ({run.workdir})")
-      if lead and not files.exists(files.join(run.workdir, VARIANT_FILE)):
-        write_variant_file(run)
-      results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "skipped",
-                      "summary": _read_summary(run)})
+      results.append(_skip(run, head, lead, log))
       continue
     log(f"{head}: training to step {run.config.train.total_steps} in {run.workdir}")
     if lead:
@@ -276,11 +281,7 @@ def run_together(runs: Sequence[SweepRun], workdir: str, run_axis_size: int = -1
   results, pending = [], []
   for run in runs:
     if is_finished(run):
-      log(f"{run.variant} seed {run.seed}: finished, skipped ({run.workdir})")
-      if lead and not files.exists(files.join(run.workdir, VARIANT_FILE)):
-        write_variant_file(run)
-      results.append({"variant": run.variant, "seed": run.seed, "workdir": run.workdir, "status": "skipped",
-                      "summary": _read_summary(run)})
+      results.append(_skip(run, f"{run.variant} seed {run.seed}", lead, log))
     else:
       pending.append(run)
   groups = [[pending[i] for i in g] for g in together.plan_groups([r.config for r in pending])]

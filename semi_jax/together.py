@@ -173,12 +173,9 @@ def build_stacked_program(config, mesh: Mesh, runs: int, *, num_classes: int, cl
                           std) -> StackedProgram:
   """Builds (without compiling) the group's functions. `config` is any member's config: the fields that vary
   within the group are read from the step's `hp` input instead."""
-  fast, options = train.cpu_fast_paths(config, mesh)
-  from semi_jax.models import create_model
-  model = create_model(config.model, num_classes, cpu_fast_paths=fast)
-  ctx = steps.StepContext(model=model, tx=make_optimizer(config), config=config,
-                          class_prior=np.asarray(class_prior, np.float32), mean=np.asarray(mean, np.float32),
-                          std=np.asarray(std, np.float32), mesh=mesh, augment=train.augment_settings(config, mesh))
+  ctx, _, options = train.step_context(config, mesh, num_classes=num_classes, class_prior=class_prior, mean=mean,
+                                       std=std)
+  model = ctx.model
   by_run = NamedSharding(mesh, P(RUN_AXIS))
   jit = functools.partial(jax.jit, compiler_options=options or None)
   vmap = functools.partial(jax.vmap, spmd_axis_name=RUN_AXIS)

@@ -119,6 +119,18 @@ def cpu_fast_paths(config, mesh, platforms=None) -> tuple[bool, dict]:
   return fast, compiler_options.for_run(fast and mesh_platforms == {"cpu"})
 
 
+def step_context(config, mesh, *, num_classes: int, class_prior, mean, std, platforms=None, model=None):
+  """(the step's static inputs, whether the CPU fast paths are on, the compiler options) of a run of `config`
+  on `mesh`, meant for `platforms` (see `build_program`)."""
+  fast, options = cpu_fast_paths(config, mesh, platforms)
+  model = model or create_model(config.model, num_classes, cpu_fast_paths=fast)
+  ctx = steps.StepContext(model=model, tx=make_optimizer(config), config=config,
+                          class_prior=np.asarray(class_prior, np.float32), mean=np.asarray(mean, np.float32),
+                          std=np.asarray(std, np.float32), mesh=mesh,
+                          augment=augment_settings(config, mesh, platforms))
+  return ctx, fast, options
+
+
 def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, platforms=None,
                   model=None) -> Program:
   """Builds (without compiling) the run's jitted functions for `mesh`.
@@ -127,12 +139,9 @@ def build_program(config, mesh, *, num_classes: int, class_prior, mean, std, pla
   paths (`cpu_fast_paths`) follow them, so that a program lowered for TPU or GPU on a CPU machine gets the
   accelerator layers. `model` replaces the configured one (benchmarks of the loop itself).
   """
-  fast, options = cpu_fast_paths(config, mesh, platforms)
-  model = model or create_model(config.model, num_classes, cpu_fast_paths=fast)
-  ctx = steps.StepContext(model=model, tx=make_optimizer(config), config=config,
-                          class_prior=np.asarray(class_prior, np.float32), mean=np.asarray(mean, np.float32),
-                          std=np.asarray(std, np.float32), mesh=mesh,
-                          augment=augment_settings(config, mesh, platforms))
+  ctx, fast, options = step_context(config, mesh, num_classes=num_classes, class_prior=class_prior, mean=mean,
+                                    std=std, platforms=platforms, model=model)
+  model = ctx.model
   repl = sharding.replicated(mesh)
   jit = functools.partial(jax.jit, compiler_options=options or None)
   init_state = jit(functools.partial(create_train_state, model, ctx.tx, image_size=config.data.image_size,
@@ -508,11 +517,22 @@ def _truncate_eval_log(path: str, step: int) -> None:
     files.write_text_atomic(path, "".join(keep))
 
 
-def config_diff(saved: dict, current: dict, ignore=RESUME_SAFE_FIELDS) -> list[str]:
-  """Lines `field: saved -> current` for every flattened field that differs, except `ignore`."""
-  a, b = _flatten(saved), _flatten(current)
+def config_diff(saved: dict, current: dict, ignore=RESUME_SAFE_FIELDS, defaults: dict | None = None) -> list[str]:
+  """Lines `field: saved -> current` for every flattened field that differs, except `ignore` and, with
+  `defaults` (a default config as JSON data), fields the saved config predates that hold their default value."""
+  a, b, d = _flatten(saved), _flatten(current), _flatten(defaults or {})
+  added_at_default = lambda k: k not in a and k in d and b.get(k) == d[k]
   return [f"  {k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-          for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+          for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k) and not added_at_default(k)]
+
+
+def _default_config_json() -> dict:
+  """configs/default.py as JSON data (every field at its default), or {} outside a source checkout."""
+  from semi_jax import config_files
+  try:
+    return json.loads(config_files.load(config_files.repo_config("default")).to_json())
+  except ValueError:
+    return {}
 
 
 def check_workdir_config(config, workdir: str) -> None:
@@ -522,7 +542,8 @@ def check_workdir_config(config, workdir: str) -> None:
   current = json.loads(config.to_json())
   saved = files.read_json(path)
   if saved is not None:
-    diff = config_diff(saved, current)
+    # A field added to semi_jax since the run started, at its default, changes nothing: the run resumes.
+    diff = config_diff(saved, current, defaults=_default_config_json())
     if diff and not config.allow_config_change:
       raise config_validation.ConfigError(
           f"workdir {workdir} holds a run with a different config ({path}):\n" + "\n".join(diff) +

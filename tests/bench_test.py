@@ -134,3 +134,19 @@ def test_augmentation_benchmark_measures_the_device_views(capsys):
     bench_augment.main(["--where=gpu"])
   with pytest.raises(ValueError, match="views must be"):
     bench_augment.measure_device("strong")
+
+
+def test_together_benchmark_reports_every_run_count(tmp_path, capsys):
+  from semi_jax.tools import bench_together
+  out = tmp_path / "together.json"
+  bench_together.main([f"--config={os.path.join(ROOT, 'configs', 'test.py')}", "--runs=1,3", "--seeds=1",
+                       "--steps=1", f"--out={out}"])
+  result = json.loads(out.read_text())
+  assert [r["runs"] for r in result["stacked"]] == [1, 3]
+  three = result["stacked"][1]
+  assert three["traced"] == ["bank.beta"] and three["mesh"]["run"] * three["mesh"]["data"] == result["devices"]
+  assert three["run_steps_per_s"] == pytest.approx(3 / (three["step_ms"] / 1000.0))
+  assert three["padded_runs"] % three["mesh"]["run"] == 0 and three["peak_mb_per_run"] > 0
+  assert "| 3 |" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    bench_together.main(["--runs=1,2", "--seeds=3"])

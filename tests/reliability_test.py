@@ -249,3 +249,20 @@ def test_changed_config_is_refused_with_a_diff_unless_allowed(tmp_path):
   config.allow_config_change = True
   train.check_workdir_config(config, workdir)
   assert json.load(open(os.path.join(workdir, train.CONFIG_FILE)))["optim"]["lr"] == 0.05
+
+
+def test_a_workdir_older_than_a_new_field_resumes_while_the_field_keeps_its_default(tmp_path):
+  workdir = str(tmp_path)
+  config = test_config.get_config()
+  train.check_workdir_config(config, workdir)
+  path = os.path.join(workdir, train.CONFIG_FILE)
+  saved = json.load(open(path))
+  del saved["bank"]["dtype"], saved["data"]["augment_on"]  # as written before these fields existed
+  json.dump(saved, open(path, "w"))
+  train.check_workdir_config(config, workdir)  # at their defaults: the same run
+  saved = json.load(open(path))
+  del saved["bank"]["dtype"]
+  json.dump(saved, open(path, "w"))
+  config.bank.dtype = "bfloat16"  # not the default: a change the user must allow
+  with pytest.raises(config_validation.ConfigError, match=r"bank.dtype: '<absent>' -> 'bfloat16'"):
+    train.check_workdir_config(config, workdir)
