@@ -182,7 +182,8 @@ def build_stacked_program(config, mesh: Mesh, runs: int, *, num_classes: int, cl
   init_one = functools.partial(create_train_state, model, ctx.tx, image_size=config.data.image_size,
                                num_classes=num_classes, bank_size=config.bank.size, bank_dtype=config.bank.dtype)
   one_state = jax.eval_shape(init_one, jax.random.key(0))
-  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), train.batch_spec(config, mesh, ctx.augment is not None))
+  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                       train.batch_spec(config, mesh, ctx.augment is not None))
   out_shape = jax.eval_shape(functools.partial(steps.train_step, ctx=ctx), one_state, batch, jax.random.key(0))[1]
   metrics_cls = metrics.train_metrics_collection(out_shape)
   loss_keys = tuple(k for k in sorted(out_shape) if k.startswith("loss"))
