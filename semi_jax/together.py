@@ -314,14 +314,6 @@ class GroupTrainer:
     for batches in zip(*iters):
       yield list(batches)
 
-  def _prefetch(self, iterator, size: int):
-    queue = []
-    for batches in iterator:
-      queue.append(self._stacked_put(batches))
-      if len(queue) > size:
-        yield queue.pop(0)
-    yield from queue
-
   # --- evaluation ---------------------------------------------------------------------------------------------
 
   def _evaluate_sets(self, sets: list[tuple[np.ndarray, np.ndarray]], index) -> list[dict]:
@@ -387,7 +379,7 @@ class GroupTrainer:
       writers.append(writer)
     hooks = [periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=w, every_steps=t.log_every_steps)
              for w in writers] if self.is_lead else []
-    batches = self._prefetch(self.train_batches(start), self.config.data.prefetch)
+    batches = train.prefetch(self.train_batches(start), self._stacked_put, self.config.data.prefetch)
     self.input = batches
     carry, results, preempted = self.program.init_carry(), None, False
     t0 = time.time()

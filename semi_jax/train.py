@@ -43,11 +43,12 @@ RESUME_SAFE_FIELDS = ("allow_config_change", "mesh.data_axis_size", "train.log_e
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _prefetch_to_mesh(iterator, mesh, size: int):
-  """Turns local numpy batches into global device arrays, `size` batches ahead of the consumer."""
+def prefetch(iterator, put, size: int):
+  """`put(batch)` (local numpy batches -> global device arrays) of the iterator's batches, `size` batches ahead
+  of the consumer."""
   queue = collections.deque()
   for batch in iterator:
-    queue.append(sharding.to_global(batch, mesh))
+    queue.append(put(batch))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
@@ -269,8 +270,8 @@ class Trainer:
     if self.is_lead:
       hooks.append(periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
                                                    every_steps=t.log_every_steps))
-    batches = _prefetch_to_mesh(self.train_batches(start) if batches is None else batches, self.mesh,
-                                config.data.prefetch)
+    batches = prefetch(self.train_batches(start) if batches is None else batches,
+                       functools.partial(sharding.to_global, mesh=self.mesh), config.data.prefetch)
     # Held by the trainer, not only by this frame: destroying a tf.data iterator waits for its worker threads'
     # augmentation in flight (seconds on a busy host), which a preempted process skips (see main).
     self.input = batches

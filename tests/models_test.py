@@ -34,6 +34,18 @@ def _reference_count(depth, width, num_classes, channels_in=3):
   return total
 
 
+def _assert_same_variables_and_outputs(flax_model, cpu_model, x, tol: float):
+  """The same variable names, shapes and initial values, and outputs within `tol` in eval and train mode."""
+  variables = flax_model.init(jax.random.key(0), x, train=False)
+  cpu_variables = cpu_model.init(jax.random.key(0), x, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(cpu_variables)
+  jax.tree.map(np.testing.assert_array_equal, variables, cpu_variables)
+  for train in (False, True):
+    got = cpu_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+    want = flax_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), got, want)
+
+
 @pytest.mark.parametrize("cpu_fast_paths", [False, True])
 @pytest.mark.parametrize("depth,width", [(28, 2), (10, 1), (16, 4)])
 def test_param_count_matches_hand_count(depth, width, cpu_fast_paths):
@@ -46,14 +58,7 @@ def test_the_cpu_fast_paths_layers_have_flax_variables_and_outputs():
   and converted weights load into either; and the same outputs in eval and train mode."""
   x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
   flax_model, cpu_model = WideResNet(7, 10, 2), WideResNet(7, 10, 2, cpu_fast_paths=True)
-  variables = flax_model.init(jax.random.key(0), x, train=False)
-  cpu_variables = cpu_model.init(jax.random.key(0), x, train=False)
-  assert jax.tree.structure(variables) == jax.tree.structure(cpu_variables)
-  jax.tree.map(np.testing.assert_array_equal, variables, cpu_variables)
-  for train in (False, True):
-    got = cpu_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
-    want = flax_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+  _assert_same_variables_and_outputs(flax_model, cpu_model, x, tol=1e-5)
 
 
 def test_wrn_28_2_is_about_1_47m():
@@ -137,15 +142,8 @@ def test_resnet_cpu_fast_paths_layers_have_flax_variables_and_outputs():
   x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
   flax_model = ResNet(7, (1, 2, 1, 1), "bottleneck", 4)
   cpu_model = flax_model.clone(cpu_fast_paths=True)
-  variables = flax_model.init(jax.random.key(0), x, train=False)
-  cpu_variables = cpu_model.init(jax.random.key(0), x, train=False)
-  assert jax.tree.structure(variables) == jax.tree.structure(cpu_variables)
-  jax.tree.map(np.testing.assert_array_equal, variables, cpu_variables)
-  for train in (False, True):
-    got = cpu_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
-    want = flax_model.apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
-    # The last stage is 1x1 here: its train-mode BatchNorm normalises over 4 values, which amplifies rounding.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+  # The last stage is 1x1 here: its train-mode BatchNorm normalises over 4 values, which amplifies rounding.
+  _assert_same_variables_and_outputs(flax_model, cpu_model, x, tol=1e-4)
 
 
 def test_resnet_shapes_strides_and_batch_norm_decay():

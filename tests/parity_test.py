@@ -35,14 +35,15 @@ SETTING = {k[len("settings/"):]: REF[k] for k in REF.files if k.startswith("sett
 B = 8  # labeled images; mu = 1, so 8 images in each unlabeled view
 
 
-def reference_state_dict():
-  """The reference model's tensors: int8 codes times a power-of-two step (exactly the float32 values it ran)."""
+def reference_state_dict(ref=REF):
+  """The reference model's tensors in `ref` (an npz of reference arrays): int8 codes times a power-of-two step
+  (exactly the float32 values it ran)."""
   sd = {}
-  for key in REF.files:
+  for key in ref.files:
     if key.startswith("state_dict/"):
       name = key[len("state_dict/"):]
-      codes = REF[key]
-      sd[name] = codes.astype(np.float32) * REF[f"state_dict_step/{name}"] if codes.dtype == np.int8 else codes
+      codes = ref[key]
+      sd[name] = codes.astype(np.float32) * ref[f"state_dict_step/{name}"] if codes.dtype == np.int8 else codes
   return sd
 
 

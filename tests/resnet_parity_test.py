@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+import parity_test
 from semi_jax import convert
 from semi_jax.models.resnet import ResNet
 
@@ -27,14 +28,7 @@ TORCH_MOMENTUM = 0.1  # the reference ResNet's BatchNorm2d default; flax's decay
 
 
 def reference_state_dict():
-  """The reference model's tensors: int8 codes times a power-of-two step (exactly the float32 values it ran)."""
-  sd = {}
-  for key in REF.files:
-    if key.startswith("state_dict/"):
-      name = key[len("state_dict/"):]
-      codes = REF[key]
-      sd[name] = codes.astype(np.float32) * REF[f"state_dict_step/{name}"] if codes.dtype == np.int8 else codes
-  return sd
+  return parity_test.reference_state_dict(REF)
 
 
 def reference_images():
