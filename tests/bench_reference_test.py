@@ -141,3 +141,37 @@ def test_loop_body_names_what_is_missing():
   only_reads = TRAIN_SEMI_LIKE.split("            out =")[0]
   with pytest.raises(ValueError, match="nothing after its data-loader reads"):
     rw.loop_body(only_reads)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_device_reaches_the_reference_workers_and_a_shared_gpu_is_not_preallocated(tmp_path, monkeypatch,
+                                                                                          device):
+  (tmp_path / "train_semi.py").write_text("")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  started = {}
+
+  class Recorder:
+    def __init__(self, name, argv, env=None):
+      started[name] = (argv, env)
+      self.info = {}
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(br, "Worker", Recorder)
+  monkeypatch.setattr(br, "alternate", lambda workers, rounds: {name: [1.0] * rounds for name in workers})
+  br.main([f"--reference_repo={tmp_path}", f"--torch_python={sys.executable}", f"--torch_device={device}",
+           "--rounds=2", f"--out={tmp_path / 'out.json'}"])
+  assert set(started) == {"semi_jax", "reference_full", "reference_core"}
+  for name in ("reference_full", "reference_core"):
+    assert f"--device={device}" in started[name][0]
+  jax_env = started["semi_jax"][1]
+  if device == "cuda":  # the JAX worker shares the GPU with two torch processes
+    assert jax_env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  else:
+    assert jax_env is None
+
+
+def test_the_reference_worker_takes_only_cpu_or_cuda(tmp_path):
+  with pytest.raises(SystemExit):
+    rw.main([f"--repo={tmp_path}", "--device=tpu"])

@@ -150,3 +150,20 @@ def test_together_benchmark_reports_every_run_count(tmp_path, capsys):
   assert "| 3 |" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     bench_together.main(["--runs=1,2", "--seeds=3"])
+
+
+class _Analysed:
+  def __init__(self, cost):
+    self.cost = cost
+
+  def cost_analysis(self):
+    return self.cost
+
+
+def test_flops_come_from_the_lowered_program_else_from_the_compiled_one():
+  # XLA:CPU analyses the lowered program (its compiled one hides convolutions in oneDNN calls); the GPU backend
+  # analyses only the compiled one, where the lowered one gives nothing.
+  assert bench._flops(_Analysed({"flops": 5.0}), _Analysed({"flops": 7.0})) == 5.0
+  assert bench._flops(_Analysed(None), _Analysed([{"flops": 7.0}])) == 7.0
+  assert bench._flops(_Analysed({}), _Analysed({"flops": 0.0})) is None
+  assert bench._flops(_Analysed([]), None) is None

@@ -78,16 +78,17 @@ def _median_ms(seconds: list[float]) -> float:
   return 1000.0 * statistics.median(seconds)
 
 
-def _flops(lowered) -> float | None:
-  """FLOPs of one call according to XLA's cost model of the program as written (None where the backend gives
-  none). The lowered, not the compiled program: XLA:CPU hands convolutions to oneDNN as custom calls, which its
-  cost model of the compiled program does not count."""
-  cost = lowered.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
+def _flops(lowered, compiled=None) -> float | None:
+  """FLOPs of one call according to XLA's cost model of the program as written, else of `compiled` (None where
+  the backend gives neither). The lowered program first: XLA:CPU hands convolutions to oneDNN as custom calls,
+  which its cost model of the compiled program does not count. The GPU backend analyses only compiled programs."""
+  for analysed in (lowered, compiled):
+    cost = None if analysed is None else analysed.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else None
+    if cost and cost.get("flops"):
+      return float(cost["flops"])
+  return None
 
 
 def _memory(compiled) -> dict:
@@ -220,7 +221,7 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profil
   t = config.train
   images = t.batch_size * (1 + 3 * t.mu)
   ms = _median_ms(times)
-  flops = _flops(step.lowered)
+  flops = _flops(step.lowered, step.compiled)
   return {"algo": config.ssl.algo, "views_on_device": step.views_on_device, "compile_s": step.compile_s,
           "median_ms": ms, "min_ms": 1000.0 * min(times),
           "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
@@ -233,7 +234,7 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profil
 def train_step_cost(config, num_classes: int = 10) -> dict:
   """FLOPs and device memory of the compiled train step of `config`, without running it."""
   step = compiled_train_step(config, num_classes)
-  flops = _flops(step.lowered)
+  flops = _flops(step.lowered, step.compiled)
   t = config.train
   return {"algo": config.ssl.algo, "compile_s": step.compile_s, "images_per_step": t.batch_size * (1 + 3 * t.mu),
           "gflop_per_step": None if flops is None else flops / 1e9, "memory": _memory(step.compiled)}

@@ -1,7 +1,7 @@
 """semi_jax's train step side by side with the PyTorch reference (pywin/SeMi), in one run, step by step.
 
   python -m semi_jax.tools.bench_reference --reference_repo=PATH --torch_python=PATH [--rounds=15] [--algo=semi]
-                                           [--threads=2] [--out=bench_reference.json]
+                                           [--threads=2] [--torch_device=cpu|cuda] [--out=bench_reference.json]
 
 Three worker processes each hold one warm step: semi_jax's compiled train step (the `semi_jax.tools.bench`
 configuration: WRN-28-2, 64 labeled + 3 x 64 unlabeled 32x32 images, past the warm-up epochs), the reference's
@@ -11,6 +11,10 @@ pywin/SeMi). Every round runs one step of each, in an order that rotates from ro
 computes at a time: on a shared machine whose speed drifts by 5-10 % from minute to minute, separate runs a few
 minutes apart cannot resolve a few per cent, alternating steps can. The report gives each worker's median, min and
 max, and the ratio semi_jax / reference both as the ratio of medians and as the median of the per-round ratios.
+
+On a GPU machine pass `--torch_device=cuda`: semi_jax's step runs on JAX's default backend (the GPU) and the
+reference on the same GPU. The three processes then share the GPU, so the JAX worker allocates memory as it needs
+it instead of taking 75 % of the GPU up front.
 """
 from __future__ import annotations
 
@@ -159,6 +163,8 @@ def main(argv=None) -> None:
   parser.add_argument("--algo", default="semi", help="semi_jax algorithm preset to time")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="torch threads (semi_jax's XLA uses every core)")
+  parser.add_argument("--torch_device", choices=("cpu", "cuda"), default="cpu",
+                      help="where the reference runs (cuda: the GPU that JAX uses too)")
   parser.add_argument("--out", default="bench_reference.json", help="JSON output file")
   parser.add_argument("--worker", choices=("jax",), help=argparse.SUPPRESS)
   parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
@@ -173,11 +179,16 @@ def main(argv=None) -> None:
                      "the python of an environment with torch (e.g. a venv with `pip install torch numpy`).")
   if args.rounds < 1:
     raise SystemExit(f"semi_jax.tools.bench_reference: --rounds must be >= 1, got {args.rounds}.")
-  reference = [args.torch_python, WORKER_SCRIPT, f"--repo={args.reference_repo}", f"--threads={args.threads}"]
+  reference = [args.torch_python, WORKER_SCRIPT, f"--repo={args.reference_repo}", f"--threads={args.threads}",
+               f"--device={args.torch_device}"]
+  jax_env = None
+  if args.torch_device == "cuda":
+    jax_env = dict(os.environ)
+    jax_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   workers = {}
   try:
     workers[OURS] = Worker(OURS, [sys.executable, "-m", "semi_jax.tools.bench_reference", "--worker=jax",
-                                  f"--algo={args.algo}"])
+                                  f"--algo={args.algo}"], env=jax_env)
     workers["reference_full"] = Worker("reference_full", reference + ["--mode=full"])
     workers["reference_core"] = Worker("reference_core", reference + ["--mode=core"])
     times = alternate(workers, args.rounds)

@@ -99,7 +99,8 @@ def format_report(result: dict) -> str:
   lines = [f"{result['config']} on {result['devices']} x {result['platform']} device(s), {result['seeds']} seed(s)",
            f"alone: {alone['step_ms']:.1f} ms/step, {alone['run_steps_per_s']:.2f} run-steps/s, "
            f"peak {alone['peak_mb']:.1f} MB", "",
-           "| runs | mesh run x data | step (ms) | run-steps/s | x alone | ms per run-step | MB per run | compile (s) |",
+           "| runs | mesh run x data | step (ms) | run-steps/s | x alone | ms per run-step | MB per run "
+           "| compile (s) |",
            "|---|---|---|---|---|---|---|---|"]
   for r in result["stacked"]:
     lines.append(f"| {r['runs']} | {r['mesh']['run']} x {r['mesh']['data']} | {r['step_ms']:.1f} | "

@@ -1,9 +1,11 @@
-"""Worker process of `semi_jax.bench_reference`: times iterations of the PyTorch reference (pywin/SeMi) on CPU.
+"""Worker process of `semi_jax.bench_reference`: times iterations of the PyTorch reference (pywin/SeMi) on CPU or
+on a CUDA GPU.
 
 The driver runs this file as a script with an interpreter that has torch (it imports nothing from semi_jax and
 nothing from jax):
 
   python semi_jax/reference_worker.py --repo=PATH_TO_SeMi_CHECKOUT [--mode=full|core] [--threads=2]
+                                     [--device=cpu|cuda]
 
 Protocol: after two warm-up iterations it prints `@ready {json}` (torch version, threads, mode); then, for every
 line it reads on stdin, it runs one iteration and prints `@ms <wall milliseconds>`. Other output (the reference's
@@ -20,7 +22,8 @@ Modes:
 - core: only the model's forward pass on the same 256 images, cross-entropy on both heads, backward and the SGD
   step: the part of an iteration that the convolutions dominate.
 
-Inputs are random tensors of CIFAR's shapes and dtypes, drawn before the clock starts.
+Inputs are random tensors of CIFAR's shapes and dtypes, drawn and moved to the device before the clock starts.
+On CUDA the clock stops after `torch.cuda.synchronize()`: an iteration is timed to the end of its last kernel.
 """
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ class _Meter:
     pass
 
 
-def build(repo: str, mode: str, threads: int):
+def build(repo: str, mode: str, threads: int, device: str = "cpu"):
   """Returns (run_one(i), info): the reference model, optimizer, EMA, bank and a closure that runs iteration i."""
   import numpy as np
   import torch
@@ -110,15 +113,20 @@ def build(repo: str, mode: str, threads: int):
   with open(os.path.join(repo, "train_semi.py")) as f:
     helpers, body = loop_body(f.read())
 
-  args = types.SimpleNamespace(device=torch.device("cpu"), **DEFAULT_ARGS)
+  dev = torch.device(device)
+  if dev.type == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("reference_worker: --device=cuda but torch sees no CUDA GPU; pass --device=cpu.")
+  # The reference's own iteration synchronises at its .item() calls; this makes the end of the clock explicit.
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+  args = types.SimpleNamespace(device=dev, **DEFAULT_ARGS)
   counts = np.array([int(5000 * args.imbalance ** (-c / (NUM_CLASSES - 1))) for c in range(NUM_CLASSES)])
-  prior = torch.tensor(counts / counts.sum(), dtype=torch.float32)
+  prior = torch.tensor(counts / counts.sum(), dtype=torch.float32, device=dev)
   args.adjustment_l1 = torch.log(prior ** args.tau1 + 1e-12)
   args.adjustment_l12 = torch.log(prior ** args.tau12 + 1e-12)
   args.adjustment_l2 = torch.log(prior ** args.tau2 + 1e-12)
 
   torch.manual_seed(0)
-  model = wideresnet.build_wideresnet(depth=28, widen_factor=2, dropout=0, num_classes=NUM_CLASSES).train()
+  model = wideresnet.build_wideresnet(depth=28, widen_factor=2, dropout=0, num_classes=NUM_CLASSES).to(dev).train()
   no_decay = ("bias", "bn")  # as train_semi.py groups them
   groups = [{"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
              "weight_decay": args.wdecay},
@@ -130,12 +138,12 @@ def build(repo: str, mode: str, threads: int):
   scope = {"torch": torch, "F": F, "nn": nn, "np": np, "time": time, "args": args, "model": model,
            "optimizer": optimizer, "scheduler": scheduler, "ema_model": ema.ModelEMA(args, model, args.ema_decay),
            "memory": bank.MemoryBank(classes=NUM_CLASSES, num_feature_per_class=args.mb_size,
-                                     feature_dim=args.proto_dim, use_cuda=False, device="cpu"),
+                                     feature_dim=args.proto_dim, use_cuda=dev.type == "cuda", device=dev),
            "pc": utils.ProtoClassifier(num_classes=NUM_CLASSES), "update_qbar": utils.update_qbar,
            "probs_monitor_": utils.probs_monitor_, "epoch": args.est_epoch + 1, "epsilon": 1e-8,
-           "qbar": torch.zeros(1, args.proto_dim), "label_counts": torch.zeros(NUM_CLASSES),
-           "unlabeled_class_weights": torch.ones(NUM_CLASSES),
-           "unlabeled_class_weights_inv_base": torch.ones(NUM_CLASSES), "end": time.time(),
+           "qbar": torch.zeros(1, args.proto_dim, device=dev), "label_counts": torch.zeros(NUM_CLASSES, device=dev),
+           "unlabeled_class_weights": torch.ones(NUM_CLASSES, device=dev),
+           "unlabeled_class_weights_inv_base": torch.ones(NUM_CLASSES, device=dev), "end": time.time(),
            **{name: _Meter() for name in ("data_time", "batch_time", "losses", "losses_x", "losses_u",
                                           "mask_probs")}}
   exec(compile(helpers, "train_semi.py", "exec"), scope)
@@ -145,8 +153,8 @@ def build(repo: str, mode: str, threads: int):
     gen = torch.Generator().manual_seed(i % 2)
     images = lambda: torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen)
     labels = lambda: torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
-    return {"inputs_x": images(), "targets_x": labels(), "inputs_u_w": images(), "inputs_u_s": images(),
-            "inputs_u_s1": images(), "u_real": labels()}
+    return {k: v.to(dev) for k, v in (("inputs_x", images()), ("targets_x", labels()), ("inputs_u_w", images()),
+                                      ("inputs_u_s", images()), ("inputs_u_s1", images()), ("u_real", labels()))}
 
   def core():
     x = torch.cat([scope["inputs_x"], scope["inputs_u_w"], scope["inputs_u_s"], scope["inputs_u_s1"]])
@@ -160,14 +168,19 @@ def build(repo: str, mode: str, threads: int):
   def run_one(i: int) -> float:
     scope.update(batch(i))
     scope["batch_idx"] = i % (args.eval_step - 1)  # never the epoch's last batch (it prints class weights)
+    sync()
     start = time.perf_counter()
     if mode == "full":
       exec(iteration, scope)
     else:
       core()
+    sync()
     return 1000.0 * (time.perf_counter() - start)
 
-  return run_one, {"torch": torch.__version__, "threads": torch.get_num_threads(), "mode": mode}
+  info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "mode": mode, "device": str(dev)}
+  if dev.type == "cuda":
+    info["gpu"] = torch.cuda.get_device_name(dev)
+  return run_one, info
 
 
 def main(argv=None) -> None:
@@ -175,11 +188,12 @@ def main(argv=None) -> None:
   parser.add_argument("--repo", required=True, help="checkout of the reference code (pywin/SeMi)")
   parser.add_argument("--mode", choices=("full", "core"), default="full")
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs the iteration")
   args = parser.parse_args(argv)
   missing = [f for f in REFERENCE_FILES if not os.path.isfile(os.path.join(args.repo, f))]
   if missing:
     raise SystemExit(f"reference_worker: {args.repo} lacks {', '.join(missing)}; pass a checkout of pywin/SeMi.")
-  run_one, info = build(args.repo, args.mode, args.threads)
+  run_one, info = build(args.repo, args.mode, args.threads, args.device)
   for i in range(2):
     run_one(i)
   print("@ready " + json.dumps(info), flush=True)
