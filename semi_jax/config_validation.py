@@ -1,6 +1,8 @@
 """Checks every configuration value before anything is compiled; messages name field, value and fix."""
 from __future__ import annotations
 
+import math
+
 from absl import logging
 
 from semi_jax import cpu, device_augment, long_tail, memory_bank, miner, models, objective, schedules, semi_state
@@ -96,6 +98,12 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(d.unlabeled_max >= 1, "data.unlabeled_max", d.unlabeled_max, "must be >= 1")
   _check(d.labeled_imb >= 1, "data.labeled_imb", d.labeled_imb, "imbalance ratio gamma must be >= 1")
   _check(d.unlabeled_imb >= 1, "data.unlabeled_imb", d.unlabeled_imb, "imbalance ratio gamma must be >= 1")
+  # The tail class gets int(labeled_max / labeled_imb) labeled images. At 0 the labeled class prior has a zero:
+  # the logit-adjusted heads subtract tau * log(prior) and the balanced head collapses onto that class.
+  _check(d.labeled_fraction > 0 or d.labeled_max >= d.labeled_imb, "data.labeled_imb", d.labeled_imb,
+         f"with data.labeled_max={d.labeled_max} the tail class gets int({d.labeled_max} / {d.labeled_imb}) = 0 "
+         f"labeled images, and every class needs at least one; lower data.labeled_imb to at most "
+         f"{d.labeled_max} or raise data.labeled_max to at least {math.ceil(d.labeled_imb)}")
   _check(d.unlabeled_dist in long_tail.DISTRIBUTIONS, "data.unlabeled_dist", d.unlabeled_dist,
          f"choose one of {long_tail.DISTRIBUTIONS}")
   _check(0.0 <= d.labeled_fraction < 1.0, "data.labeled_fraction", d.labeled_fraction, "must be in [0, 1)")

@@ -21,6 +21,7 @@ CASES = [
     ("data.image_size", 4, ">= 8"),
     ("data.labeled_imb", 0.5, "gamma must be >= 1"),
     ("data.unlabeled_imb", 0.9, "gamma must be >= 1"),
+    ("data.labeled_imb", 1000.0, "tail class gets int("),  # the test config's labeled_max is below 1000
     ("data.unlabeled_dist", "skewed", "choose one of"),
     ("data.labeled_fraction", 1.0, "[0, 1)"),
     ("data.randaugment_ops", 15, "[0, 14]"),
