@@ -234,7 +234,8 @@ def test_config_cases_cover_every_benchmark():
 @pytest.mark.parametrize("module,arg", CONFIG_CASES)
 def test_config_data_loads_under_mock(module, arg):
   config = importlib.import_module(f"configs.{module}").get_config(arg)
-  with _mock(2000):
+  # ImageNet-127 merges 1,000 mock classes unevenly: 2,000 images leave some of its classes empty, 8,000 none.
+  with _mock(8000 if config.data.labeled_fraction > 0 else 2000):
     ds = datasets.load(config.data)
   assert ds.train_images.shape[1:] == (config.data.image_size,) * 2 + (3,)
   smallest = int(np.bincount(ds.train_labels, minlength=ds.num_classes).min())
@@ -242,6 +243,11 @@ def test_config_data_loads_under_mock(module, arg):
     assert smallest >= 3, "the mock must hold a few images of every class"
     # The paper's counts need the real data set; scale them to what the mock holds.
     config.data.labeled_max = config.data.unlabeled_max = smallest // 3
+    # ... and keep at least one labeled image in the tail class (splits refuses a class without one).
+    config.data.labeled_imb = min(config.data.labeled_imb, config.data.labeled_max)
+  else:  # the mock's small classes would round to no labeled image, which splits refuses
+    assert smallest >= 1, "the mock must hold an image of every class"
+    config.data.labeled_fraction = max(config.data.labeled_fraction, 0.6 / smallest)
   labeled, unlabeled = splits.labeled_unlabeled_indices(ds, config.data, seed=config.seed)
   assert not set(labeled.tolist()) & set(unlabeled.tolist())
   lab_counts = np.bincount(ds.train_labels[labeled], minlength=ds.num_classes)

@@ -141,6 +141,23 @@ def test_labeled_unlabeled_indices_with_extra_unlabeled_set():
   assert unlabeled.size == 0
 
 
+def test_labeled_unlabeled_indices_refuses_a_class_without_labeled_images():
+  data = default.get_config().data
+  data.labeled_fraction = 0.1  # round(0.1 * 4) = 0 images of class 2; 0.5 / 4 = 0.125 is the bound
+  with pytest.raises(ValueError, match=r"no image of class 2: round\(4 \* 0.1\) = 0; "
+                                       r"raise data.labeled_fraction above 0.125"):
+    splits.labeled_unlabeled_indices(_dataset([50, 30, 4]), data, seed=0)
+  with pytest.raises(ValueError, match=r"2 classes \(1, ...\): round\(3 \* 0.1\) = 0; .* above 0.1667"):
+    splits.labeled_unlabeled_indices(_dataset([50, 4, 3]), data, seed=0)
+  data.labeled_fraction = 0.13  # 0.52 rounds to 1: accepted
+  labeled, _ = splits.labeled_unlabeled_indices(_dataset([50, 30, 4]), data, seed=0)
+  assert np.bincount(_dataset([50, 30, 4]).train_labels[labeled], minlength=3).tolist() == [6, 4, 1]
+  data.labeled_fraction = 0.0  # long-tail counts 5 * 10 ** (-c / 2): 5, 1, 0
+  data.labeled_max, data.labeled_imb, data.unlabeled_max = 5, 10.0, 5
+  with pytest.raises(ValueError, match=r"no image of class 2: lower data.labeled_imb or raise data.labeled_max"):
+    splits.labeled_unlabeled_indices(_dataset([20, 20, 20]), data, seed=0)
+
+
 def test_labeled_unlabeled_indices_bad_fraction():
   data = default.get_config().data
   data.labeled_fraction = 1.0

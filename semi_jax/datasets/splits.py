@@ -74,9 +74,27 @@ def labeled_unlabeled_indices(ds: ArrayDataset, data_config, seed: int,
                                                     str(data_config.unlabeled_dist))
   held_out = 0 if exclude is None else len(exclude)
   name = ds.name if not held_out else f"{ds.name} (without its {held_out} validation images)"
+  _check_every_class_labeled(labeled_counts, labels, fraction, name)
   labeled, unlabeled = long_tail.split(labels, num_classes, labeled_counts=labeled_counts,
                                        unlabeled_counts=unlabeled_counts, seed=seed, dataset=name)
   if from_pool and unlabeled.size == 0:
     raise ValueError(f"{ds.name}: the split leaves no unlabeled images; lower data.labeled_fraction or raise "
                      "data.unlabeled_max.")
   return labeled.astype(np.int64), unlabeled.astype(np.int64)
+
+
+def _check_every_class_labeled(labeled_counts, labels: np.ndarray, fraction: float, name: str) -> None:
+  """Refuses a split that labels no image of some class. The labeled class prior would have a zero there: the
+  logit-adjusted heads subtract tau * log(prior), and the balanced head collapses onto that class."""
+  empty = [c for c, n in enumerate(labeled_counts) if n < 1]
+  if not empty:
+    return
+  which = f"class {empty[0]}" if len(empty) == 1 else f"{len(empty)} classes ({empty[0]}, ...)"
+  if fraction > 0:
+    smallest = int(min((labels == c).sum() for c in empty))
+    fix = (f"{which} has no training image" if smallest == 0 else
+           f"round({smallest} * {fraction}) = 0; raise data.labeled_fraction above {0.5 / smallest:.4g}")
+  else:
+    fix = "lower data.labeled_imb or raise data.labeled_max until int(labeled_max / labeled_imb) >= 1"
+  raise ValueError(f"{name}: the split labels no image of {which}: {fix}. Every class needs at least one "
+                   "labeled image.")
