@@ -1,6 +1,6 @@
 """Result tables and plots of a sweep directory (see semi_jax.sweep).
 
-  python -m semi_jax.report --workdir=DIR [--last_n=5]
+  python -m semi_jax.report --workdir=DIR [--last_n=5] [--paired_on=best_val|final|last_n]
 
 Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes (the
 paired columns compare each variant seed by seed with the first one, see `paired_difference`)
@@ -28,6 +28,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -49,6 +50,9 @@ MD_METRICS = {"final_balanced_acc": "final bal. acc", "val_selected_balanced_acc
               "last_n_balanced_acc": None, "acc_many": "many", "acc_medium": "medium", "acc_few": "few",
               "gm": "GM"}
 _SEED_DIR = re.compile(r"seed_(\d+)")
+# What the paired columns compare (--paired_on -> per-seed metric of seed_metrics).
+PAIRED_ON = {"best_val": "val_selected_balanced_acc", "final": "final_balanced_acc",
+             "last_n": "last_n_balanced_acc"}
 
 
 @dataclasses.dataclass
@@ -157,12 +161,16 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
           "paired_wins": int((d > 0).sum()), "paired_excludes_0": bool(n > 1 and (low > 0 or high < 0))}
 
 
-def summarize(runs: Sequence[SeedRun], last_n: int = 5) -> list[dict]:
+def summarize(runs: Sequence[SeedRun], last_n: int = 5, paired_on: str = "best_val") -> list[dict]:
   """One row per variant: seeds, finished runs, steps (the least advanced seed), mean/std of each metric, and
-  the paired comparison with the first variant (`paired_difference`) of the test balanced accuracy at the best
-  validation evaluation where every run has a validation set, else of the final one (`paired_metric`)."""
+  the paired comparison with the first variant (`paired_difference`) of one per-seed metric (`paired_metric`):
+  by `paired_on`, the test balanced accuracy at the best validation evaluation ("best_val"; the final one
+  where some run has no validation set), the final one ("final") or the mean of the last `last_n` ("last_n",
+  which also rewards reaching the accuracy sooner)."""
   if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
     raise ValueError(f"last_n={last_n!r} is invalid; give the number of final evaluations to average (>= 1).")
+  if paired_on not in PAIRED_ON:
+    raise ValueError(f"paired_on={paired_on!r} is invalid; choose one of {', '.join(PAIRED_ON)}.")
   rows, by_seed = [], []
   for variant, group in group_by_variant(runs).items():
     per_seed = [seed_metrics(r.evals, last_n) for r in group]
@@ -178,8 +186,10 @@ def summarize(runs: Sequence[SeedRun], last_n: int = 5) -> list[dict]:
     ref = rows[0]["final_balanced_acc_mean"]
     for row in rows:  # difference to the first variant of the sweep (its reference)
       row["final_delta"] = row["final_balanced_acc_mean"] - ref
-    selected = all(np.isfinite(m["val_selected_balanced_acc"]) for seeds in by_seed for m in seeds.values())
-    metric = "val_selected_balanced_acc" if selected else "final_balanced_acc"
+    metric = PAIRED_ON[paired_on]
+    if metric == "val_selected_balanced_acc" and not all(
+        np.isfinite(m[metric]) for seeds in by_seed for m in seeds.values()):
+      metric = "final_balanced_acc"
     reference = {s: m[metric] for s, m in by_seed[0].items()}
     for row, seeds in zip(rows, by_seed):
       row["paired_metric"] = metric
@@ -261,8 +271,10 @@ def _paired_cell(row: dict) -> str:
 def markdown(rows: Sequence[dict], last_n: int, plots: Sequence[str], pending: Sequence[str] = ()) -> str:
   header = ["variant", "seeds", "steps"] + [label or f"last-{last_n} bal. acc" for label in MD_METRICS.values()]
   header += ["Δ final", "paired Δ (95% CI)", "wins", "overrides"]
-  selected = bool(rows) and rows[0]["paired_metric"] == "val_selected_balanced_acc"
-  paired = "the test balanced accuracy at the best validation evaluation" if selected else "the final balanced accuracy"
+  paired = {"val_selected_balanced_acc": "the test balanced accuracy at the best validation evaluation",
+            "final_balanced_acc": "the final balanced accuracy",
+            "last_n_balanced_acc": f"the mean balanced accuracy of the last {last_n} evaluations"}[
+                rows[0]["paired_metric"] if rows else "final_balanced_acc"]
   lines = ["# Ablation report", "",
            f"Balanced top-1 accuracy (%) of the reported head on the test set, mean ± std over seeds (ddof=1). "
            "'at best val.' is the test accuracy of the evaluation with the best validation balanced accuracy "
@@ -373,7 +385,8 @@ def plot_paired(rows: Sequence[dict], path: str) -> bool:
     ax.errorbar(means[i], y[i], xerr=err[:, i:i + 1], fmt="o", color=color, capsize=3)
   ax.axvline(0.0, color="black", linewidth=0.8)
   ax.set_yticks(y, [f"{r['variant']} ({r['paired_wins']}/{r['paired_n']})" for r in others], fontsize=8)
-  what = "at best val." if rows[0]["paired_metric"] == "val_selected_balanced_acc" else "final"
+  what = {"val_selected_balanced_acc": "at best val.", "final_balanced_acc": "final",
+          "last_n_balanced_acc": "mean of the last evaluations"}[rows[0]["paired_metric"]]
   ax.set(title=f"Paired Δ from {rows[0]['variant']}, test bal. acc {what} (95 % CI; red: excludes 0)",
          xlabel="difference (points); in brackets: seeds better / seeds")
   ax.title.set_fontsize(9)
@@ -397,7 +410,8 @@ def plot_pseudo_labels(groups: dict[str, list[SeedRun]], path: str) -> bool:
   x, width = np.arange(num_classes), 0.8 / len(stats)
   for ax, (key, label) in zip(axes, panels):
     for i, (color, (variant, s)) in enumerate(zip(_colors(len(stats)), stats.items())):
-      with np.errstate(all="ignore"):
+      with warnings.catch_warnings():  # a class no seed pseudo-labelled: nan, drawn as no bar
+        warnings.simplefilter("ignore", RuntimeWarning)
         values = np.nanmean(np.array([r[key] for r in s], np.float64), axis=0)
       ax.bar(x - 0.4 + (i + 0.5) * width, values, width, color=color, label=variant)
     if key == "estimated":  # the truth is the same for every variant of a seed
@@ -453,10 +467,10 @@ def _bank_mean(key: str):
   return lambda record: float(np.mean(record[key]))
 
 
-def make_report(workdir: str, last_n: int = 5) -> dict[str, str]:
+def make_report(workdir: str, last_n: int = 5, paired_on: str = "best_val") -> dict[str, str]:
   """Writes the tables and plots of a sweep directory; returns {name: path} of the files written."""
   runs = load_runs(workdir)
-  rows = summarize(runs, last_n)
+  rows = summarize(runs, last_n, paired_on)
   if not rows:
     raise ValueError(f"no run under {workdir} has an evaluation yet (expected {workdir}/<variant>/seed_<s>/"
                      f"{EVAL_LOG}); run python -m semi_jax.sweep --workdir={workdir} first.")
@@ -489,6 +503,9 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string("workdir", None, "Sweep directory written by semi_jax.sweep.")
   flags.DEFINE_integer("last_n", 5, "Average the balanced accuracy of each run's last N evaluations.")
+  flags.DEFINE_enum("paired_on", "best_val", list(PAIRED_ON), "What the paired columns compare seed by seed: the "
+                    "test balanced accuracy at the best validation evaluation (final without validation sets), "
+                    "the final one, or the mean of the last N (less noisy; also rewards learning sooner).")
   flags.mark_flags_as_required(["workdir"])
   return flags.FLAGS
 
@@ -497,7 +514,7 @@ def main(argv, flag_values) -> None:
   if len(argv) > 1:
     sys.exit(f"semi_jax.report: unexpected arguments {argv[1:]}")
   try:
-    written = make_report(flag_values.workdir, flag_values.last_n)
+    written = make_report(flag_values.workdir, flag_values.last_n, flag_values.paired_on)
   except ValueError as e:
     sys.exit(f"semi_jax.report: {e}")
   print(files.read_text(written["md"]))

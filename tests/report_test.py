@@ -278,3 +278,15 @@ def test_paired_statistics_use_the_validation_selection_when_every_run_has_one(t
   # ref selected at step 4 (val 50): 90; b at step 2 (val 60): 85 -> -5 (the final accuracies would give -20).
   assert rows["b"]["paired_metric"] == "val_selected_balanced_acc" and rows["b"]["paired_mean"] == -5.0
   assert math.isnan(rows["b"]["paired_ci_low"])  # one seed: no interval
+  # --paired_on chooses another per-seed statistic: final 70 - 90; mean of the last 2: 77.5 - 85.
+  rows = {r["variant"]: r for r in report.summarize(report.load_runs(d), last_n=1, paired_on="final")}
+  assert rows["b"]["paired_metric"] == "final_balanced_acc" and rows["b"]["paired_mean"] == -20.0
+  rows = {r["variant"]: r for r in report.summarize(report.load_runs(d), last_n=2, paired_on="last_n")}
+  assert rows["b"]["paired_metric"] == "last_n_balanced_acc" and rows["b"]["paired_mean"] == -7.5
+  md = files.read_text(report.make_report(d, last_n=2, paired_on="last_n")["md"])
+  assert "of the mean balanced accuracy of the last 2 evaluations, with a 95 % t-interval" in md
+  assert "| -7.50 | 0/1 |" in md
+  with pytest.raises(ValueError, match="paired_on='median' is invalid; choose one of best_val, final, last_n"):
+    report.summarize(report.load_runs(d), paired_on="median")
+  r = _report_cli(f"--workdir={d}", "--paired_on=final")
+  assert r.returncode == 0 and "| -20.00 | 0/1 |" in r.stdout, r.stderr
