@@ -1,6 +1,6 @@
 """Result tables and plots of a sweep directory (see semi_jax.sweep).
 
-  python -m semi_jax.report --workdir=DIR [--last_n=5] [--paired_on=best_val|final|last_n]
+  python -m semi_jax.report --workdir=DIR [--last_n=5] [--paired_on=best_val|final|last_n|pl_precision|pl_recall]
 
 Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes (the
 paired columns compare each variant seed by seed with the first one, see `paired_difference`)
@@ -50,9 +50,30 @@ MD_METRICS = {"final_balanced_acc": "final bal. acc", "val_selected_balanced_acc
               "last_n_balanced_acc": None, "acc_many": "many", "acc_medium": "medium", "acc_few": "few",
               "gm": "GM"}
 _SEED_DIR = re.compile(r"seed_(\d+)")
-# What the paired columns compare (--paired_on -> per-seed metric of seed_metrics).
-PAIRED_ON = {"best_val": "val_selected_balanced_acc", "final": "final_balanced_acc",
-             "last_n": "last_n_balanced_acc"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedOn:
+  """A per-seed statistic the paired columns can compare (--paired_on)."""
+  metric: str  # key of seed_metrics
+  text: str  # what report.md says is compared ({last_n} is filled in)
+  label: str  # paired.png's title
+  scale: float = 1.0  # to points: the pseudo-label fractions become percentage points
+
+
+PAIRED_ON = {
+    "best_val": PairedOn("val_selected_balanced_acc", "the test balanced accuracy at the best validation "
+                         "evaluation", "test bal. acc at best val."),
+    "final": PairedOn("final_balanced_acc", "the final balanced accuracy", "final test bal. acc"),
+    "last_n": PairedOn("last_n_balanced_acc", "the mean balanced accuracy of the last {last_n} evaluations",
+                       "test bal. acc, mean of the last evaluations"),
+    # Pseudo-label quality over the last evaluation interval: what the miner and the bank set out to improve.
+    "pl_precision": PairedOn("pl_macro_precision", "the pseudo-labels' macro precision over the last evaluation "
+                             "interval (in points: x100)", "pseudo-label macro precision (x100)", 100.0),
+    "pl_recall": PairedOn("pl_macro_recall", "the pseudo-labels' macro recall over the last evaluation interval "
+                          "(in points: x100)", "pseudo-label macro recall (x100)", 100.0),
+}
+_PAIRED_BY_METRIC = {p.metric: p for p in PAIRED_ON.values()}
 
 
 @dataclasses.dataclass
@@ -164,9 +185,10 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
 def summarize(runs: Sequence[SeedRun], last_n: int = 5, paired_on: str = "best_val") -> list[dict]:
   """One row per variant: seeds, finished runs, steps (the least advanced seed), mean/std of each metric, and
   the paired comparison with the first variant (`paired_difference`) of one per-seed metric (`paired_metric`):
-  by `paired_on`, the test balanced accuracy at the best validation evaluation ("best_val"; the final one
-  where some run has no validation set), the final one ("final") or the mean of the last `last_n` ("last_n",
-  which also rewards reaching the accuracy sooner)."""
+  by `paired_on` (see PAIRED_ON), the test balanced accuracy at the best validation evaluation ("best_val"; the
+  final one where some run has no validation set), the final one ("final"), the mean of the last `last_n`
+  ("last_n", which also rewards reaching the accuracy sooner), or the pseudo-labels' macro precision or recall
+  over the last evaluation interval in points ("pl_precision", "pl_recall")."""
   if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
     raise ValueError(f"last_n={last_n!r} is invalid; give the number of final evaluations to average (>= 1).")
   if paired_on not in PAIRED_ON:
@@ -186,14 +208,14 @@ def summarize(runs: Sequence[SeedRun], last_n: int = 5, paired_on: str = "best_v
     ref = rows[0]["final_balanced_acc_mean"]
     for row in rows:  # difference to the first variant of the sweep (its reference)
       row["final_delta"] = row["final_balanced_acc_mean"] - ref
-    metric = PAIRED_ON[paired_on]
-    if metric == "val_selected_balanced_acc" and not all(
-        np.isfinite(m[metric]) for seeds in by_seed for m in seeds.values()):
-      metric = "final_balanced_acc"
-    reference = {s: m[metric] for s, m in by_seed[0].items()}
+    paired = PAIRED_ON[paired_on]
+    if paired.metric == "val_selected_balanced_acc" and not all(
+        np.isfinite(m[paired.metric]) for seeds in by_seed for m in seeds.values()):
+      paired = PAIRED_ON["final"]
+    reference = {s: paired.scale * m[paired.metric] for s, m in by_seed[0].items()}
     for row, seeds in zip(rows, by_seed):
-      row["paired_metric"] = metric
-      row.update(paired_difference({s: m[metric] for s, m in seeds.items()}, reference))
+      row["paired_metric"] = paired.metric
+      row.update(paired_difference({s: paired.scale * m[paired.metric] for s, m in seeds.items()}, reference))
   return rows
 
 
@@ -271,10 +293,7 @@ def _paired_cell(row: dict) -> str:
 def markdown(rows: Sequence[dict], last_n: int, plots: Sequence[str], pending: Sequence[str] = ()) -> str:
   header = ["variant", "seeds", "steps"] + [label or f"last-{last_n} bal. acc" for label in MD_METRICS.values()]
   header += ["Δ final", "paired Δ (95% CI)", "wins", "overrides"]
-  paired = {"val_selected_balanced_acc": "the test balanced accuracy at the best validation evaluation",
-            "final_balanced_acc": "the final balanced accuracy",
-            "last_n_balanced_acc": f"the mean balanced accuracy of the last {last_n} evaluations"}[
-                rows[0]["paired_metric"] if rows else "final_balanced_acc"]
+  paired = _PAIRED_BY_METRIC[rows[0]["paired_metric"] if rows else "final_balanced_acc"].text.format(last_n=last_n)
   lines = ["# Ablation report", "",
            f"Balanced top-1 accuracy (%) of the reported head on the test set, mean ± std over seeds (ddof=1). "
            "'at best val.' is the test accuracy of the evaluation with the best validation balanced accuracy "
@@ -385,9 +404,8 @@ def plot_paired(rows: Sequence[dict], path: str) -> bool:
     ax.errorbar(means[i], y[i], xerr=err[:, i:i + 1], fmt="o", color=color, capsize=3)
   ax.axvline(0.0, color="black", linewidth=0.8)
   ax.set_yticks(y, [f"{r['variant']} ({r['paired_wins']}/{r['paired_n']})" for r in others], fontsize=8)
-  what = {"val_selected_balanced_acc": "at best val.", "final_balanced_acc": "final",
-          "last_n_balanced_acc": "mean of the last evaluations"}[rows[0]["paired_metric"]]
-  ax.set(title=f"Paired Δ from {rows[0]['variant']}, test bal. acc {what} (95 % CI; red: excludes 0)",
+  what = _PAIRED_BY_METRIC[rows[0]["paired_metric"]].label
+  ax.set(title=f"Paired Δ from {rows[0]['variant']}, {what} (95 % CI; red: excludes 0)",
          xlabel="difference (points); in brackets: seeds better / seeds")
   ax.title.set_fontsize(9)
   _save(fig, path)
@@ -505,7 +523,8 @@ def _define_flags():
   flags.DEFINE_integer("last_n", 5, "Average the balanced accuracy of each run's last N evaluations.")
   flags.DEFINE_enum("paired_on", "best_val", list(PAIRED_ON), "What the paired columns compare seed by seed: the "
                     "test balanced accuracy at the best validation evaluation (final without validation sets), "
-                    "the final one, or the mean of the last N (less noisy; also rewards learning sooner).")
+                    "the final one, the mean of the last N (less noisy; also rewards learning sooner), or the "
+                    "pseudo-labels' macro precision or recall over the last evaluation interval (x100).")
   flags.mark_flags_as_required(["workdir"])
   return flags.FLAGS
 

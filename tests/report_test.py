@@ -267,6 +267,30 @@ def test_paired_statistics_by_hand(tmp_path):
   assert report.t_quantile_975(30) == 2.042
 
 
+def test_paired_statistics_on_pseudo_label_precision(tmp_path):
+  """--paired_on=pl_precision compares the last interval's pseudo-label macro precision, in points: 'b' is
+  better by 0.03, 0.04 and 0.05 -> 4 points, sd 1, 4 -+ 4.303 / sqrt(3); the accuracies play no part."""
+  d = str(tmp_path)
+  for index, (name, precisions) in enumerate((("ref", (0.80, 0.70, 0.90)), ("b", (0.83, 0.74, 0.95)))):
+    for seed, precision in enumerate(precisions):
+      final = _record(4, 50.0 - index)
+      final["pseudo_labels"] = {"precision": [precision] * 3, "recall": [0.5] * 3, "mask_rate": [0.5] * 3,
+                                "estimated": [0.4, 0.3, 0.3], "true": [0.5, 0.3, 0.2], "tv_distance": 0.1,
+                                "macro_precision": precision, "macro_recall": 0.5}
+      _write_run(d, name, seed, [_record(2, 10.0), final], index=index)
+  rows = {r["variant"]: r for r in report.summarize(report.load_runs(d), last_n=1, paired_on="pl_precision")}
+  half = 4.303 / math.sqrt(3)
+  assert rows["b"]["paired_metric"] == "pl_macro_precision" and rows["b"]["paired_wins"] == 3
+  assert (rows["b"]["paired_mean"], rows["b"]["paired_ci_low"]) == pytest.approx((4.0, 4.0 - half))
+  assert rows["b"]["paired_excludes_0"]
+  rows = {r["variant"]: r for r in report.summarize(report.load_runs(d), last_n=1, paired_on="pl_recall")}
+  assert rows["b"]["paired_mean"] == 0.0 and rows["b"]["paired_wins"] == 0
+  written = report.make_report(d, last_n=1, paired_on="pl_precision")
+  md = files.read_text(written["md"])
+  assert "of the pseudo-labels' macro precision over the last evaluation interval (in points: x100)" in md
+  assert files.read_bytes(written["paired"])[:8] == PNG_SIGNATURE
+
+
 def test_paired_statistics_use_the_validation_selection_when_every_run_has_one(tmp_path):
   d = str(tmp_path)
   for index, (name, tests) in enumerate((("ref", (80.0, 90.0)), ("b", (85.0, 70.0)))):
@@ -286,7 +310,7 @@ def test_paired_statistics_use_the_validation_selection_when_every_run_has_one(t
   md = files.read_text(report.make_report(d, last_n=2, paired_on="last_n")["md"])
   assert "of the mean balanced accuracy of the last 2 evaluations, with a 95 % t-interval" in md
   assert "| -7.50 | 0/1 |" in md
-  with pytest.raises(ValueError, match="paired_on='median' is invalid; choose one of best_val, final, last_n"):
+  with pytest.raises(ValueError, match="paired_on='median' is invalid; choose one of best_val, final, last_n, pl_"):
     report.summarize(report.load_runs(d), paired_on="median")
   r = _report_cli(f"--workdir={d}", "--paired_on=final")
   assert r.returncode == 0 and "| -20.00 | 0/1 |" in r.stdout, r.stderr
