@@ -1,9 +1,11 @@
 """Result tables and plots of a sweep directory (see semi_jax.sweep).
 
   python -m semi_jax.report --workdir=DIR [--last_n=5] [--paired_on=best_val|final|last_n|pl_precision|pl_recall]
+                            [--reference=VARIANT]
 
 Reads every run DIR/<variant>/seed_<s> (its eval.jsonl, summary.json and sweep_variant.json) and writes (the
-paired columns compare each variant seed by seed with the first one, see `paired_difference`)
+paired columns compare each variant seed by seed with the reference: the first one or --reference, see
+`paired_difference`)
   DIR/report.csv, DIR/report.md  one row per variant: final, at-best-validation and mean-of-the-last-N balanced
                                  accuracy and the final many/medium/few and top-1 accuracy, geometric mean of
                                  the per-class recalls (gm) and macro F1 of the reported head, each as mean
@@ -182,13 +184,16 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
           "paired_wins": int((d > 0).sum()), "paired_excludes_0": bool(n > 1 and (low > 0 or high < 0))}
 
 
-def summarize(runs: Sequence[SeedRun], last_n: int = 5, paired_on: str = "best_val") -> list[dict]:
+def summarize(runs: Sequence[SeedRun], last_n: int = 5, paired_on: str = "best_val",
+              reference: str | None = None) -> list[dict]:
   """One row per variant: seeds, finished runs, steps (the least advanced seed), mean/std of each metric, and
-  the paired comparison with the first variant (`paired_difference`) of one per-seed metric (`paired_metric`):
+  the paired comparison with the reference variant (`paired_difference`) of one per-seed metric (`paired_metric`):
   by `paired_on` (see PAIRED_ON), the test balanced accuracy at the best validation evaluation ("best_val"; the
   final one where some run has no validation set), the final one ("final"), the mean of the last `last_n`
   ("last_n", which also rewards reaching the accuracy sooner), or the pseudo-labels' macro precision or recall
-  over the last evaluation interval in points ("pl_precision", "pl_recall")."""
+  over the last evaluation interval in points ("pl_precision", "pl_recall").
+  The reference is the first variant of the sweep, or `reference`; its row comes first, the others keep their
+  order."""
   if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
     raise ValueError(f"last_n={last_n!r} is invalid; give the number of final evaluations to average (>= 1).")
   if paired_on not in PAIRED_ON:
@@ -204,9 +209,16 @@ def summarize(runs: Sequence[SeedRun], last_n: int = 5, paired_on: str = "best_v
       row[f"{name}_mean"], row[f"{name}_std"] = mean_std([m[name] for m in per_seed])
     row["overrides"] = describe_overrides(group[0])
     rows.append(row)
+  if reference is not None:
+    names = [row["variant"] for row in rows]
+    if reference not in names:
+      raise ValueError(f"reference={reference!r} is no variant with an evaluation here; choose one of {names}.")
+    first = names.index(reference)
+    rows.insert(0, rows.pop(first))
+    by_seed.insert(0, by_seed.pop(first))
   if rows:
     ref = rows[0]["final_balanced_acc_mean"]
-    for row in rows:  # difference to the first variant of the sweep (its reference)
+    for row in rows:  # difference to the reference (the first row)
       row["final_delta"] = row["final_balanced_acc_mean"] - ref
     paired = PAIRED_ON[paired_on]
     if paired.metric == "val_selected_balanced_acc" and not all(
@@ -485,10 +497,11 @@ def _bank_mean(key: str):
   return lambda record: float(np.mean(record[key]))
 
 
-def make_report(workdir: str, last_n: int = 5, paired_on: str = "best_val") -> dict[str, str]:
+def make_report(workdir: str, last_n: int = 5, paired_on: str = "best_val",
+                reference: str | None = None) -> dict[str, str]:
   """Writes the tables and plots of a sweep directory; returns {name: path} of the files written."""
   runs = load_runs(workdir)
-  rows = summarize(runs, last_n, paired_on)
+  rows = summarize(runs, last_n, paired_on, reference)
   if not rows:
     raise ValueError(f"no run under {workdir} has an evaluation yet (expected {workdir}/<variant>/seed_<s>/"
                      f"{EVAL_LOG}); run python -m semi_jax.sweep --workdir={workdir} first.")
@@ -525,6 +538,8 @@ def _define_flags():
                     "test balanced accuracy at the best validation evaluation (final without validation sets), "
                     "the final one, the mean of the last N (less noisy; also rewards learning sooner), or the "
                     "pseudo-labels' macro precision or recall over the last evaluation interval (x100).")
+  flags.DEFINE_string("reference", None, "The variant every other is compared with (Δ final and the paired "
+                      "columns); default: the first variant of the sweep.")
   flags.mark_flags_as_required(["workdir"])
   return flags.FLAGS
 
@@ -533,7 +548,7 @@ def main(argv, flag_values) -> None:
   if len(argv) > 1:
     sys.exit(f"semi_jax.report: unexpected arguments {argv[1:]}")
   try:
-    written = make_report(flag_values.workdir, flag_values.last_n, flag_values.paired_on)
+    written = make_report(flag_values.workdir, flag_values.last_n, flag_values.paired_on, flag_values.reference)
   except ValueError as e:
     sys.exit(f"semi_jax.report: {e}")
   print(files.read_text(written["md"]))

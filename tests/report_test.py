@@ -263,6 +263,18 @@ def test_paired_statistics_by_hand(tmp_path):
   assert f"| +4.00 [{4 - half_c:+.2f}, {4 + half_c:+.2f}] * | 3/3 |" in md, md
   assert f"| +2.90 [{2.9 - half_b:+.2f}, {2.9 + half_b:+.2f}] | 2/3 |" in md
   assert files.read_bytes(written["paired"])[:8] == PNG_SIGNATURE
+  # Another reference: its row comes first. c - b = +0.7, +4.3, -1.7: mean 1.1,
+  # variance (0.16 + 10.24 + 7.84) / 2 = 9.12.
+  rows = report.summarize(report.load_runs(d), last_n=1, reference="b")
+  assert [r["variant"] for r in rows] == ["b", "ref", "c"] and rows[0]["paired_mean"] == 0.0
+  half = 4.303 * math.sqrt(9.12 / 3)
+  assert (rows[2]["paired_mean"], rows[2]["paired_ci_high"]) == pytest.approx((1.1, 1.1 + half))
+  assert rows[2]["final_delta"] == pytest.approx(1.1) and rows[2]["paired_wins"] == 2
+  assert rows[1]["paired_mean"] == pytest.approx(-2.9)
+  with pytest.raises(ValueError, match=r"reference='d' is no variant with an evaluation here; choose one of "):
+    report.summarize(report.load_runs(d), reference="d")
+  r = _report_cli(f"--workdir={d}", "--last_n=1", "--reference=c")
+  assert r.returncode == 0 and "| c | 3 | 4 |" in r.stdout and "Δ final is relative to c." in r.stdout, r.stderr
   assert report.t_quantile_975(40) == pytest.approx(2.0211, abs=2e-4)  # beyond the table
   assert report.t_quantile_975(30) == 2.042
 
