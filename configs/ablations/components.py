@@ -2,6 +2,7 @@
 
   python -m semi_jax.sweep --config=configs/ablations/components.py --workdir=/tmp/components
   python -m semi_jax.report --workdir=/tmp/components
+  python -m semi_jax.report --workdir=/tmp/components --reference=acr --paired_on=pl_precision  # SeMi vs ACR
 Base: configs/digits_lt_reversed.py; `:base=digits_lt` for the easier embedded split, `:base=cifar10_lt,dist=reversed`
 etc. for the paper's settings.
 
