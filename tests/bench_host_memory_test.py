@@ -34,3 +34,6 @@ def test_synthetic_data_is_long_tailed_and_aligned():
   assert len(d.train_labels) == 3000 and counts.min() >= 1 and counts[0] > 100 * counts[-1]
   assert d.train_images.shape == (3000, 4, 4, 3) and datasets.is_aligned(d.train_images)
   assert d.train_images.std() > 0
+  # The benchmark raises the tail so that its split (10 % labeled) labels an image of every class.
+  counts = np.bincount(bench_host_memory.synthetic_dataset(3000, 10, 4, min_count=6).train_labels, minlength=127)
+  assert counts.min() == 6 and counts.sum() == 3000 and np.round(counts * 0.1).min() == 1

@@ -68,14 +68,16 @@ def _max_rss_bytes() -> int:
   return r if sys.platform == "darwin" else r * 1024
 
 
-def long_tail_labels(num_images: int, num_classes: int, ratio: float, seed: int):
+def long_tail_labels(num_images: int, num_classes: int, ratio: float, seed: int, min_count: int = 1):
   """int64 labels of `num_images` examples in shuffled order, class c holding ~ratio^(-c/(C-1)) of the head
-  class's count (every class at least one example)."""
+  class's count (every class at least `min_count` examples)."""
   import numpy as np
-  if num_images < num_classes:
-    raise ValueError(f"--num_images={num_images} must be at least the {num_classes} classes.")
+  if num_images < num_classes * min_count:
+    raise ValueError(f"--num_images={num_images} must be at least {num_classes * min_count}: {min_count} for "
+                     f"every one of the {num_classes} classes.")
   weights = ratio ** (-np.arange(num_classes) / max(num_classes - 1, 1))
-  counts = np.maximum(np.floor(weights / weights.sum() * num_images).astype(np.int64), 1)
+  spare = num_images - num_classes * min_count  # shared out by the weights on top of every class's minimum
+  counts = min_count + np.floor(weights / weights.sum() * spare).astype(np.int64)
   counts[0] += num_images - counts.sum()
   return np.random.default_rng(seed).permutation(np.repeat(np.arange(num_classes, dtype=np.int64), counts))
 
@@ -98,14 +100,15 @@ def random_images(n: int, size: int, seed: int, aligned: bool = True):
 
 
 def synthetic_dataset(num_images: int, num_test: int, size: int, num_classes: int = IMAGENET127_CLASSES,
-                      seed: int = 0, aligned: bool = True):
-  """An ImageNet-127-like `ArrayDataset` of random pixels with a long-tailed training set."""
+                      seed: int = 0, aligned: bool = True, min_count: int = 1):
+  """An ImageNet-127-like `ArrayDataset` of random pixels with a long-tailed training set (at least
+  `min_count` images a class)."""
   import numpy as np
 
   from semi_jax.datasets import ArrayDataset
   return ArrayDataset(name="synthetic_imagenet127", num_classes=num_classes,
                       train_images=random_images(num_images, size, seed, aligned),
-                      train_labels=long_tail_labels(num_images, num_classes, TAIL_RATIO, seed),
+                      train_labels=long_tail_labels(num_images, num_classes, TAIL_RATIO, seed, min_count),
                       test_images=random_images(num_test, size, seed + 1, aligned),
                       test_labels=np.arange(num_test, dtype=np.int64) % num_classes,  # balanced
                       mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -144,8 +147,10 @@ def measure(args, process_index: int, process_count: int) -> dict:
       _reset_peak()
 
   t0 = now()
+  # A small --num_images leaves tail classes too small for the split to label one of their images.
+  fraction = float(config.data.labeled_fraction)
   dataset = synthetic_dataset(args.num_images, args.num_test, args.image_size, seed=args.seed,
-                              aligned=not args.unaligned)
+                              aligned=not args.unaligned, min_count=int(0.5 / fraction) + 1 if fraction > 0 else 1)
   result["raw"] = raw_bytes(dataset)
   result["data_rss"] = _status_bytes("VmRSS")  # the data set in memory, nothing else built yet
   data = input_pipeline.make_ssl_data(dataset, config.data, config.seed)
