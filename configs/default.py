@@ -5,9 +5,12 @@ Data-set configs import `get_config` and override values only; `configs/*.py` fi
 Schedules (`*.schedule` / `*_schedule` fields) are `semi_jax.schedules.schedule_config` dicts: every decay
 schedule of the method is a first-class, ablatable config object.
 """
+from __future__ import annotations
+
 import ml_collections
 
-from semi_jax.objective import COMPONENTS, CUSTOM, preset_mismatch, preset_switches
+from semi_jax import config_files
+from semi_jax.algorithms import COMPONENTS, CUSTOM, preset_mismatch, preset_switches
 from semi_jax.schedules import schedule_config
 
 
@@ -69,6 +72,10 @@ def get_config(arg=None):
   train.eval_batch_size = 256  # global
   train.print_table = True  # print the per-class accuracy table at the end of training
   train.skip_nonfinite_steps = False  # True: a step with NaN/Inf loss or gradients keeps the old state (counted)
+  # With skip_nonfinite_steps: a run that skipped more than this share of its last nonfinite_window steps (of all
+  # its steps, while it has fewer) stops as diverged.
+  train.max_nonfinite_share = 0.5
+  train.nonfinite_window = 100
 
   # --- optimiser ----------------------------------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
@@ -141,6 +148,15 @@ def get_config(arg=None):
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data_axis_size = -1  # devices on the data axis (-1 = all)
 
+  # --- runs trained together (semi_jax.sweep --together) ------------------------------------------------------
+  config.together = together = ml_collections.ConfigDict()
+  # How the stacked step batches each run's convolutions: grouped (one grouped convolution for all runs) |
+  # per_run (each run's own convolutions, as a run alone computes them) | auto (what measured fastest on the
+  # platform; see semi_jax.program.AUTO_CONV).
+  together.conv = "auto"
+  # GPUs: let the kernels of independent runs overlap (XLA's concurrent command-buffer scheduling) | off | auto.
+  together.overlap = "auto"
+
   # CPU-only speed-ups (semi_jax/cpu/: layers with hand-written gradients, XLA:CPU options, malloc settings):
   # auto = on exactly when the mesh's devices are CPUs | on | off. GPUs and TPUs run flax's layers.
   config.cpu_fast_paths = "auto"
@@ -165,7 +181,10 @@ def apply_args(config, arg):
   """Applies a config argument `key=value,key=value`.
 
   Keys: algo (preset), miner/bank/plce/cons (on|off), dist (unlabeled distribution), imb (both ratios),
-  seed, steps (total steps).
+  seed, steps (total steps). A shorter run than the file's also scales the fields tied to the run length (epoch
+  length, warm-up, bank decay interval, schedule windows; see semi_jax.config_files.length_tied_values), so that
+  `steps=50` of any config file is a valid smoke run; `--config.train.total_steps` does the same through
+  `config_files.fit_to_length`.
   """
   if not arg:
     return config
@@ -186,7 +205,9 @@ def apply_args(config, arg):
     elif key == "seed":
       config.seed = int(value)
     elif key == "steps":
+      base = config.copy_and_resolve_references()  # the file's values, chosen for its own length
       config.train.total_steps = int(value)
+      config_files.fit_lengths(config, base)
     else:
       raise ValueError(f"unknown config argument {key!r}; known: algo, miner, bank, plce, cons, dist, imb, seed, "
                        "steps (e.g. --config=configs/cifar10_lt.py:algo=acr,dist=reversed).")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 from absl import logging
 
-from semi_jax import cpu, device_augment, long_tail, memory_bank, miner, models, objective, schedules, semi_state
+from semi_jax import algorithms, config_files, cpu, device_augment, long_tail, memory_bank, miner, models
+from semi_jax import schedules
 from semi_jax.models import resnet
 
 
@@ -24,12 +26,22 @@ def _schedule_range(cfg, field: str, lo: float, hi: float, total: int, spe: int)
   try:
     values = schedules.sample(cfg, total, spe, points)
   except ValueError as e:
-    raise ConfigError(f"config field {field}: {e}") from None
+    raise ConfigError(f"config field {field}: {_schedule_message(str(e), field, total)}") from None
   bad = [(p, float(v)) for p, v in zip(points, values) if not lo <= v <= hi]
   if bad:
     raise ConfigError(f"config field {field} ({schedules.describe(cfg)}) leaves [{lo}, {hi}]: "
                       f"value {bad[0][1]:.4g} at step {bad[0][0]}.")
   return [float(v) for v in values]
+
+
+def _schedule_message(message: str, field: str, total: int) -> str:
+  """A schedule error in the config's words: `schedule field 'k'` becomes the config field `field.k`, and an
+  error about the run length also names train.total_steps as a fix."""
+  message = re.sub(r"schedule field '(\w+)'", lambda m: f"{field}.{m.group(1)}", message)
+  message = re.sub(r"(?<![.\w])total_steps", "train.total_steps", message)
+  if "train.total_steps" in message:
+    message += f" Or raise train.total_steps (now {total})."
+  return message
 
 
 def _check_divisible(value: int, field: str, parts: int, what: str) -> None:
@@ -77,8 +89,9 @@ def check_device_augment(config) -> None:
   last_position = t.total_steps * t.batch_size * t.mu - 1
   _check(last_position < 2**31, "data.augment_on", d.augment_on,
          f"the views are made on the device from int32 stream positions, but the unlabeled stream reaches "
-         f"position {last_position} (train.total_steps * train.batch_size * train.mu); use data.augment_on=host or "
-         "fewer steps")
+         f"position {last_position} (train.total_steps={t.total_steps} * train.batch_size={t.batch_size} * "
+         f"train.mu={t.mu}), which must stay below 2**31; use data.augment_on=host, or lower train.total_steps to "
+         f"at most {2**31 // (t.batch_size * t.mu)}")
 
 
 def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
@@ -134,15 +147,18 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
   _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", o.ema_decay, "must be in [0, 1)")
-  _check(s.algo in objective.ALGOS + (objective.CUSTOM,), "ssl.algo", s.algo,
-         f"choose one of {objective.ALGOS + (objective.CUSTOM,)} ({objective.CUSTOM}: switches of your own)")
+  _check(s.algo in algorithms.ALGOS + (algorithms.CUSTOM,), "ssl.algo", s.algo,
+         f"choose one of {algorithms.ALGOS + (algorithms.CUSTOM,)} ({algorithms.CUSTOM}: switches of your own)")
   _check(s.temperature > 0, "ssl.temperature", s.temperature, "must be > 0")
   for name in ("tau1", "tau12", "tau2"):
     _check(s[name] >= 0, f"ssl.{name}", s[name], "logit-adjustment strength must be >= 0")
   epochs = -(-t.total_steps // t.steps_per_epoch)
-  _check(0 <= s.est_epoch < epochs, "ssl.est_epoch", s.est_epoch,
-         f"must be in [0, {epochs}) (training has {epochs} epochs of {t.steps_per_epoch} steps; the SeMi "
-         "components start after epoch est_epoch)")
+  _check(s.est_epoch >= 0, "ssl.est_epoch", s.est_epoch, "must be >= 0 (0: the SeMi components start in epoch 1)")
+  _check(s.est_epoch < epochs, "ssl.est_epoch", s.est_epoch,
+         f"must be in [0, {epochs}): training has {epochs} epochs of {t.steps_per_epoch} steps "
+         f"(train.total_steps={t.total_steps}, train.steps_per_epoch={t.steps_per_epoch}) and the SeMi components "
+         f"start after epoch ssl.est_epoch; lower ssl.est_epoch, or raise train.total_steps or lower "
+         "train.steps_per_epoch")
   _check(not (s.reference_row_order and t.mu != 1), "ssl.reference_row_order", s.reference_row_order,
          "reproduces the reference's row order, which exists only for train.mu == 1")
   total, spe = t.total_steps, t.steps_per_epoch
@@ -163,31 +179,109 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
          "prototype mixing reads prototypes from the memory bank: enable bank (bank=on) or disable plce")
   _check(0.0 <= p.alpha <= 1.0, "plce.alpha", p.alpha, "must be in [0, 1]")
   _check(p.tau_tar > 0, "plce.tau_tar", p.tau_tar, "must be > 0")
-  _check(p.class_weight in semi_state.CLASS_WEIGHTS, "plce.class_weight", p.class_weight,
-         f"choose one of {semi_state.CLASS_WEIGHTS}")
+  _check(p.class_weight in algorithms.CLASS_WEIGHTS, "plce.class_weight", p.class_weight,
+         f"choose one of {algorithms.CLASS_WEIGHTS}")
   _schedule_range(p.ramp, "plce.ramp", 0.0, 1.0, total, spe)
   c = config.cons
   _check(c.weight >= 0, "cons.weight", c.weight, "must be >= 0")
   _check(c.proto_t > 0, "cons.proto_t", c.proto_t, "must be > 0")
   _check(0.0 <= c.center_momentum < 1.0, "cons.center_momentum", c.center_momentum, "must be in [0, 1)")
-  _check(b.decay_clock in semi_state.DECAY_CLOCKS, "bank.decay_clock", b.decay_clock,
-         f"choose one of {semi_state.DECAY_CLOCKS} (epoch: the counter restarts every epoch, as the reference)")
+  _check(b.decay_clock in algorithms.DECAY_CLOCKS, "bank.decay_clock", b.decay_clock,
+         f"choose one of {algorithms.DECAY_CLOCKS} (epoch: the counter restarts every epoch, as the reference)")
   if b.enabled and b.decay_clock == "epoch":
     longest = max(round(v) for v in decay_every)
     if longest > spe:  # legal (the reference behaves so), but rarely what an ablation means
       logging.warning("bank.decay_every=%d exceeds train.steps_per_epoch=%d with bank.decay_clock=epoch: the "
                       "per-epoch counter restarts before it is reached and the bank never decays, as in the "
                       "reference. Use bank.decay_clock=global or a shorter interval to decay it.", longest, spe)
-  _check(p.class_weight_counts in semi_state.COUNT_WINDOWS, "plce.class_weight_counts", p.class_weight_counts,
-         f"choose one of {semi_state.COUNT_WINDOWS}")
+  _check(p.class_weight_counts in algorithms.COUNT_WINDOWS, "plce.class_weight_counts", p.class_weight_counts,
+         f"choose one of {algorithms.COUNT_WINDOWS}")
   _check(config.eval.few_threshold >= 0, "eval.few_threshold", config.eval.few_threshold, "must be >= 0")
   _check(config.eval.few_threshold <= config.eval.many_threshold, "eval.few_threshold",
          config.eval.few_threshold, f"must be <= eval.many_threshold ({config.eval.many_threshold})")
-  mismatch = objective.preset_mismatch(config)
+  mismatch = algorithms.preset_mismatch(config)
   if mismatch:
     diff = ", ".join(f"{f}={v} (preset: {want})" for f, (v, want) in mismatch.items())
     raise ConfigError(
         f"config field ssl.algo={s.algo!r} does not match its switches: {diff}. The run would train something "
         f"else under that name. Use the preset (--config=FILE:algo={s.algo} sets every switch), or set "
-        f"--config.ssl.algo={objective.CUSTOM} for a combination of your own (the switches that run are recorded "
+        f"--config.ssl.algo={algorithms.CUSTOM} for a combination of your own (the switches that run are recorded "
         "in config.json and summary.json).")
+  for line in start_up_warnings(config):
+    logging.warning("%s", line)
+
+
+# The SeMi components that run only after the warm-up of ssl.est_epoch epochs.
+_AFTER_WARMUP = ("miner", "plce", "cons")
+
+
+def start_up_warnings(config) -> list[str]:
+  """Settings that are valid but make part of the run do nothing, which the run would otherwise train silently:
+  SeMi components whose warm-up outlasts the run, and every schedule whose kind says it changes over training but
+  whose parameters keep it constant over the run (`schedule_warnings`). One line each, naming the field and the
+  setting that fixes it."""
+  t, s = config.train, config.ssl
+  lines = []
+  last_epoch = (t.total_steps - 1) // t.steps_per_epoch
+  waiting = [name for name in _AFTER_WARMUP if config[name].enabled]
+  if waiting and s.est_epoch >= last_epoch:
+    lines.append(
+        f"ssl.est_epoch={s.est_epoch}: {', '.join(waiting)} start after epoch ssl.est_epoch, but the run's last "
+        f"epoch is {last_epoch} (epochs of train.steps_per_epoch={t.steps_per_epoch} steps, "
+        f"train.total_steps={t.total_steps}), so they never run; lower ssl.est_epoch below {last_epoch}, or raise "
+        "train.total_steps or lower train.steps_per_epoch")
+  return lines + schedule_warnings(config)
+
+
+def schedule_warnings(config) -> list[str]:
+  """One line per schedule whose kind changes over training (every kind but constant) while its parameters keep it
+  constant over the run: e.g. --config.bank.beta.kind=exponential alone leaves rate=1.0, and the run would train
+  the constant schedule under another name. Schedules of a disabled component are not read and not reported;
+  a run of one step has nothing to change."""
+  total, spe = config.train.total_steps, config.train.steps_per_epoch
+  if total < 2:
+    return []
+  lines = []
+  for path in config_files.schedule_paths(config):
+    group = config[path.split(".")[0]]
+    if "enabled" in group and not group.enabled:
+      continue
+    cfg = config
+    for part in path.split("."):
+      cfg = cfg[part]
+    line = _constant_schedule(cfg, path, total, spe)
+    if line:
+      lines.append(line)
+  return lines
+
+
+def _constant_schedule(cfg, path: str, total: int, spe: int) -> str | None:
+  """Why the schedule `cfg` of a changing kind is constant over a run of `total` steps (None: it changes)."""
+  kind, flag, last = cfg.kind, f"--config.{path}", total - 1
+  if kind == "constant":
+    return None
+  head = f"{path}: kind={kind}"
+  own = dict(cfg.items(), warmup_steps=0)  # the kind's own change, without the warm-up laid over its start
+  if schedules.is_constant(own):
+    if kind in ("linear", "cosine"):
+      return (f"{head} with end_value={cfg.end_value} equal to value={cfg.value} is constant; set {flag}.end_value "
+              "(the value at the end of the window)")
+    if kind in ("exponential", "step") and cfg.value != 0:
+      return f"{head} with rate={cfg.rate} is constant; set {flag}.rate (e.g. 0.5) and {flag}.every"
+    return f"{head} with value={cfg.value} is 0 at every step; set {flag}.value"
+  start = cfg.start_step
+  if kind in ("linear", "cosine", "exponential", "step") and start >= last:
+    return (f"{head} starts changing after start_step={start}, but the run's last step is {last} "
+            f"(train.total_steps={total}), so it is constant; lower {flag}.start_step below {last}")
+  if kind == "step" and start + cfg.every > last:
+    return (f"{head} first changes at step start_step + every = {start + cfg.every}, after the run's last step "
+            f"{last} (train.total_steps={total}), so it is constant; lower {flag}.every (e.g. "
+            f"{max(1, (last - start) // 4)})")
+  if kind == "reference_cosine" and cfg.warmup_steps >= last:
+    return (f"{head} decays after its warm-up of warmup_steps={cfg.warmup_steps}, but the run's last step is "
+            f"{last} (train.total_steps={total}), so it never decays; lower {flag}.warmup_steps")
+  if kind == "reference_ramp" and spe >= total:
+    return (f"{head} is value * (step // train.steps_per_epoch) / train.steps_per_epoch, 0 at every step of a run "
+            f"of train.total_steps={total} with train.steps_per_epoch={spe}; lower train.steps_per_epoch below "
+            f"{total}, or use {flag}.kind=linear")
+  return None

@@ -99,8 +99,8 @@ def runs_on_device(setting: str, platforms) -> bool:
 
   auto: on GPUs, whose hosts have few CPU cores per chip; elsewhere tf.data on the host, which overlaps with the
   step: on CPUs the views cost a few percent of the step either way and CPU runs keep the tf.data views the
-  golden tests pin; TPU hosts have many cores per chip, and per-pixel gathers are slow on TPUs (README, "Where
-  augmentation runs").
+  golden tests pin; TPU hosts have many cores per chip, and per-pixel gathers are slow on TPUs (docs/data.md,
+  "Where augmentation runs").
   """
   if setting not in PLACES:
     raise ValueError(f"data.augment_on must be one of {PLACES}, got {setting!r}.")

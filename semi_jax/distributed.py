@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.util
+import json
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 from absl import logging
@@ -97,3 +98,45 @@ def maybe_initialize() -> bool:
                              process_id=p.process_id)
   logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
   return True
+
+
+# Decisions that every process must take alike (which checkpoint to restore, whether a workdir is free, the
+# groups of a sweep) are exchanged through the coordination service's key-value store (host to host), not through
+# device collectives: a process that raises right after a device collective tears its devices down at exit (jax's
+# atexit clears the backends before jax.distributed's shutdown barrier), which can leave the other processes
+# waiting inside that collective forever. Every process must make the same calls in the same order.
+_exchanges = [0]
+
+
+def _client():
+  import orbax.checkpoint as ocp  # the client jax.distributed.initialize created, as orbax reaches it
+  return ocp.multihost.get_jax_distributed_client()
+
+
+def _timeout_ms() -> int:
+  import orbax.checkpoint as ocp  # the timeout orbax's own cross-process waits use
+  return ocp.multihost.coordination_timeout() * 1000
+
+
+def exchange(name: str, value: Any) -> list:
+  """Every process's JSON-serialisable `value`, in process order (all processes call it in turn)."""
+  if jax.process_count() == 1:
+    return [value]
+  _exchanges[0] += 1
+  key = f"semi_jax/{_exchanges[0]}-{name}"
+  _client().key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+  return [json.loads(_client().blocking_key_value_get(f"{key}/{p}", _timeout_ms()))
+          for p in range(jax.process_count())]
+
+
+def agreed(name: str, value: Any) -> Any:
+  """Process 0's `value`, on every process: e.g. a directory listing, which on a shared file system may differ
+  between hosts for a moment, or a plan decided from such listings."""
+  return exchange(name, value)[0]
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier of this name."""
+  if jax.process_count() > 1:
+    _exchanges[0] += 1
+    _client().wait_at_barrier(f"semi_jax/{_exchanges[0]}-{name}", _timeout_ms())

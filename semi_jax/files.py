@@ -147,3 +147,22 @@ def append_line(path: str, line: str) -> None:
     return
   old = read_text(path) if exists(path) else ""
   write_text_atomic(path, old + line)
+
+
+def remove(path: str) -> bool:
+  """Deletes a file; False when there was none, which is fine: another process may have removed it first."""
+  if not is_remote(path):
+    try:
+      os.remove(path)
+    except FileNotFoundError:
+      return False
+    return True
+  if not exists(path):
+    return False
+  try:
+    _gfile().remove(path)
+  except Exception:
+    if exists(path):  # a real failure; a file removed in between by someone else is not
+      raise
+    return False
+  return True

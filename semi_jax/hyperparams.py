@@ -1,32 +1,36 @@
-"""Hyper-parameters as data: the config fields that several runs can differ in and still be one program.
+"""Hyper-parameters as data: the config fields a step reads as values, and those several runs can differ in and
+still be one program.
 
-A run's config is baked into its jitted step as Python constants. To train several runs as one program (a leading
-run axis, `jax.vmap`; see semi_jax.together), the fields in which they differ must instead be inputs of the step:
-every schedule (kind included, as `schedules.ScheduleArrays`), the scalar fields below, which the step only
-does arithmetic with, and the choices below, which it computes every option of and selects. Every other field
-(shapes, component switches, other strings, the data set, the model) is the program's structure: runs that
-differ there are different programs (`structure`).
+Every run's step reads these fields from one dict, `hp` (`of_config`), never from the config: the scalars of
+SCALAR_FIELDS, the choices of CHOICE_FIELDS (as the index of the option) and every schedule (as
+`schedules.ScheduleArrays`). A run alone holds them as numpy constants, which the compiled step bakes in: a
+constant choice computes one option, a schedule of a constant kind one formula. Runs trained together (a leading
+run axis, `jax.vmap`; see semi_jax.together) pass the fields in which they differ as traced per-run arrays
+instead: the same code then computes every option of a choice, or every kind of a schedule, and selects. Every
+other field (shapes, component switches, other strings, the data set, the model) is the program's structure: runs
+that differ there are different programs (`structure`).
 """
 from __future__ import annotations
 
 import copy
 import json
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from semi_jax import schedules, semi_state
+from semi_jax import algorithms, schedules
 
 # Scalars the step uses only in arithmetic (never for a shape, a Python branch or a static argument).
 SCALAR_FIELDS = ("optim.lr", "optim.momentum", "optim.weight_decay", "optim.ema_decay", "ssl.temperature",
                  "ssl.tau1", "ssl.tau12", "ssl.tau2", "ssl.est_epoch", "plce.alpha", "plce.tau_tar", "cons.weight",
                  "cons.proto_t", "cons.center_momentum")
 
-
-# Choices among named options that the step can compute all of and select by a traced index
-# (`semi_state.choose`).
-CHOICE_FIELDS = {"bank.decay_clock": semi_state.DECAY_CLOCKS, "plce.class_weight": semi_state.CLASS_WEIGHTS,
-                 "plce.class_weight_counts": semi_state.COUNT_WINDOWS}
+# Choices among named options that the step can compute all of and select by a traced index (`choose`).
+CHOICE_FIELDS = {"bank.decay_clock": algorithms.DECAY_CLOCKS, "plce.class_weight": algorithms.CLASS_WEIGHTS,
+                 "plce.class_weight_counts": algorithms.COUNT_WINDOWS}
 
 
 def schedule_fields(config) -> tuple[str, ...]:
@@ -69,30 +73,41 @@ def varying(configs) -> tuple[str, ...]:
   return tuple(f for f in fields if any(_plain(_get(c, f)) != _plain(_get(configs[0], f)) for c in configs[1:]))
 
 
-def values(config, fields) -> dict:
-  """{field: numpy value} of `fields` of a run's config: schedules as `schedules.ScheduleArrays`, choices as the
-  int32 index of the option, integer fields as int32 and the others as float32."""
-  out = {}
-  for f in fields:
-    v = _get(config, f)
-    if isinstance(v, ml_collections.ConfigDict):
-      out[f] = schedules.as_arrays(v, config.train.total_steps, config.train.steps_per_epoch)
-    elif f in CHOICE_FIELDS:
-      out[f] = np.int32(CHOICE_FIELDS[f].index(v))
-    else:
-      out[f] = np.int32(v) if isinstance(v, int) else np.float32(v)
-  return out
+def value_of(config, field: str):
+  """The value of one traceable field as the step reads it: a schedule as `schedules.ScheduleArrays` over the
+  run's length, a choice as the int32 index of its option, an integer as int32 and any other scalar as float32."""
+  v = _get(config, field)
+  if isinstance(v, ml_collections.ConfigDict):
+    return schedules.as_arrays(v, config.train.total_steps, config.train.steps_per_epoch)
+  if field in CHOICE_FIELDS:
+    if v not in CHOICE_FIELDS[field]:
+      raise ValueError(f"unknown {field} {v!r}; choose one of {CHOICE_FIELDS[field]}.")
+    return np.int32(CHOICE_FIELDS[field].index(v))
+  return np.int32(v) if isinstance(v, int) and not isinstance(v, bool) else np.float32(v)
 
 
-def bind(config, hp: dict):
-  """A copy of `config` whose fields in `hp` hold those (traced) values instead: what a step reads for one run
-  of a stacked program. Schedules become `ScheduleArrays`, which `schedules.of_run` evaluates."""
-  if not hp:
-    return config
-  bound = copy.deepcopy(config)
-  bound.unlock()
-  with bound.ignore_type():
-    for dotted, value in hp.items():
-      group, name = dotted.split(".")
-      bound[group][name] = value
-  return bound
+def of_config(config, fields=None) -> dict:
+  """{field: value} of `fields` (default: every traceable field) of a run's config (see `value_of`): the `hp`
+  a step reads."""
+  return {f: value_of(config, f) for f in (traceable_fields(config) if fields is None else fields)}
+
+
+def stack(hps: list[dict]) -> dict:
+  """Per-run `hp` dicts with the same fields as one dict of arrays with a leading run axis."""
+  if not hps or not hps[0]:
+    return {}
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *hps)
+
+
+def choose(index, options: tuple[str, ...], branches: dict[str, Callable], field: str = "choice"):
+  """`branches[option]()` for the option of `index` (a choice field's value in `hp`, or the option's name). A
+  constant index computes that option only; a traced one (runs trained together that differ in the field)
+  computes every option and selects. `field` names the config field in errors."""
+  if isinstance(index, str):
+    if index not in options:
+      raise ValueError(f"unknown {field} {index!r}; choose one of {options}.")
+    return branches[index]()
+  if schedules.is_static(index):
+    return branches[options[int(index)]]()
+  values = [branches[o]() for o in options]
+  return jnp.select([index == i for i in range(len(options))], values)

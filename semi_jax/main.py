@@ -1,4 +1,4 @@
-"""python -m semi_jax.main --config=configs/digits_lt.py --workdir=DIR [--config.a.b=v ...]"""
+"""python -m semi_jax.main --config=configs/digits_lt.py --workdir=DIR [--config.a.b=v ...]; --help says more."""
 import os
 import sys
 
@@ -18,23 +18,24 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from semi_jax import startup
   try:
+    # A shorter run (--config.train.total_steps=N) scales the fields tied to the run length, as :steps=N does.
+    for note in config_files.fit_to_length(FLAGS.config, config_files.flag_spec(sys.argv),
+                                           explicit=FLAGS["config"].override_values):
+      logging.info("config: %s", note)
     malloc = startup.prepare(FLAGS.config.cpu_fast_paths)
   except ValueError as e:
     sys.exit(f"semi_jax: bad configuration: {e}")
   import jax
-  from semi_jax import checkpointing, config_validation, distributed, train
-  distributed.maybe_initialize()
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s); malloc: %s", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
-               malloc)
+  from semi_jax import distributed, faults, train
+  faults.capture("semi_jax")
   try:
+    distributed.maybe_initialize()
+    logging.info("JAX process %d/%d, %d local / %d global devices (%s); malloc: %s", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform,
+                 malloc)
     summary = train.Trainer(FLAGS.config, FLAGS.workdir).run()
-  except (ValueError, FloatingPointError, checkpointing.CheckpointIOError) as e:
-    # Bad input (config value, missing data set, wrong image size, workdir holding another run), divergence and
-    # unreadable storage end with their message, not a traceback; --verbosity=1 shows where it came from.
-    logging.debug("Traceback", exc_info=True)
-    kind = "bad configuration" if isinstance(e, config_validation.ConfigError) else type(e).__name__
-    sys.exit(f"semi_jax: {kind}: {e}")
+  except Exception as e:  # noqa: BLE001 - every fault ends in one line (faults.describe), the traceback in the log
+    faults.exit_with(e, "semi_jax", FLAGS.workdir)
   if summary.get("preempted"):
     # The checkpoint and logs are written. A preempted host has seconds left: leave together with the other
     # processes and skip tearing down the input pipeline (its threads would finish augmenting first).
@@ -48,4 +49,5 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported (in main)
-  app.run(main, flags_parser=lambda argv: config_files.parse_flags(FLAGS, argv, "semi_jax"))
+  from semi_jax import usage
+  app.run(main, flags_parser=lambda argv: config_files.parse_flags(FLAGS, argv, "semi_jax", usage.main_usage))

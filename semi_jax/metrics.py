@@ -2,6 +2,7 @@
 evaluation records of a run (eval.jsonl): reading them and selecting one by validation accuracy."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -127,18 +128,56 @@ def bar_image(values, top: float = 100.0, width: int = 8, height: int = 64) -> n
   return image
 
 
-def read_evals(path: str) -> list[dict]:
-  """The records of an eval.jsonl, sorted by step; when a resumed run logged a step twice the last one wins."""
-  by_step = {}
+@dataclasses.dataclass(frozen=True)
+class EvalLog:
+  """What an eval.jsonl holds: its records (sorted by step; when a resumed run logged a step twice the last one
+  wins) and where it is damaged. `partial_offset`: the byte offset of a last line cut short (a run killed, or a
+  disk that filled, while appending), None if the file ends cleanly; `bad_lines`: other lines that are not valid
+  records (line number, byte offset)."""
+  path: str
+  records: list
+  exists: bool
+  partial_offset: int | None = None
+  bad_lines: tuple = ()
+  size: int = 0
+
+  def problems(self) -> list[str]:
+    """One message per damaged part, naming the file and the byte offset."""
+    out = [f"{self.path}: line {n} (byte {offset}) is not a valid record; skipped" for n, offset in self.bad_lines]
+    if self.partial_offset is not None:
+      out.append(f"{self.path}: the last line (from byte {self.partial_offset} to the end, {self.size} bytes) was "
+                 "cut short, by a run killed or a disk that filled while writing it; dropped")
+    return out
+
+
+def parse_evals(path: str) -> EvalLog:
+  """Reads an eval.jsonl (see `EvalLog`): the one reader of eval logs, for resuming runs and for reports."""
   if not files.exists(path):
-    return []
-  for n, line in enumerate(files.read_text(path).split("\n"), 1):
+    return EvalLog(path, [], exists=False)
+  data = files.read_bytes(path)
+  by_step, bad, partial, offset = {}, [], None, 0
+  lines = data.split(b"\n")
+  for n, line in enumerate(lines, 1):
+    start, offset = offset, offset + len(line) + 1
     if not line.strip():
       continue
     try:
-      record = json.loads(line)
-    except ValueError:  # a line cut short by a killed run
-      logging.warning("%s:%d is not valid JSON; skipped.", path, n)
+      record = json.loads(line.decode("utf-8"))
+      step = int(record["step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+      if n == len(lines):  # no newline after it: the line was being written
+        partial = start
+      else:
+        bad.append((n, start))
       continue
-    by_step[int(record["step"])] = record
-  return [by_step[s] for s in sorted(by_step)]
+    by_step[step] = record
+  return EvalLog(path, [by_step[s] for s in sorted(by_step)], exists=True, partial_offset=partial,
+                 bad_lines=tuple(bad), size=len(data))
+
+
+def read_evals(path: str) -> list[dict]:
+  """The records of an eval.jsonl, sorted by step; damaged lines are skipped with a warning (`parse_evals`)."""
+  log = parse_evals(path)
+  for problem in log.problems():
+    logging.warning("%s", problem)
+  return log.records

@@ -20,36 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from semi_jax import losses, memory_bank, miner, schedules
-
-ALGOS = ("fixmatch", "fixmatch_la", "acr", "semi")
-COMPONENTS = ("miner", "bank", "plce", "cons")  # SeMi's parts, each a config group with an `enabled` switch
-
-
-CUSTOM = "custom"  # ssl.algo of a combination of switches that is no preset (component ablations)
-
-
-def switches_of(config) -> dict[str, bool]:
-  """The switches a config actually runs with: {dotted config field: value}, as `preset_switches` names them."""
-  return {field: bool(config[field.split(".")[0]][field.split(".")[1]]) for field in preset_switches("semi")}
-
-
-def preset_mismatch(config) -> dict[str, tuple[bool, bool]]:
-  """{field: (value, the preset's value)} where the switches differ from the preset named by ssl.algo."""
-  if config.ssl.algo == CUSTOM:
-    return {}
-  have = switches_of(config)
-  return {f: (have[f], v) for f, v in preset_switches(config.ssl.algo).items() if have[f] != v}
-
-
-def preset_switches(algo: str) -> dict[str, bool]:
-  """The switches that make the config the named algorithm: {dotted config field: value}."""
-  if algo not in ALGOS:
-    raise ValueError(f"unknown algorithm {algo!r} (config field ssl.algo / argument algo=); choose one of {ALGOS}.")
-  switches = {"ssl.dual_head": algo in ("acr", "semi"), "ssl.labeled_logit_adjust": algo == "fixmatch_la"}
-  switches.update({f"{name}.enabled": algo == "semi" for name in COMPONENTS})
-  return switches
-
+from semi_jax import hyperparams, losses, memory_bank, miner
 
 class Views(NamedTuple):
   """One model output split by input group, each in global batch order."""
@@ -153,16 +124,19 @@ def consistency_loss(f_uw, f_us1, f_us2, qbar, weights, *, proto_t: float):
   return jnp.mean(terms * weights), jnp.mean(teacher, axis=0)
 
 
-def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, semi, step, config, class_prior):
+def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, semi, step, config, class_prior,
+                      hp: dict | None = None):
   """The loss of one step from the outputs of one forward pass over (x, u_w, u_s, u_s').
 
   `semi` is the SeMi state before the step (bank, monitor class weight, consistency centre), `u_label` the true
-  labels of the unlabeled batch (-1 where unknown), used only for diagnostics, never in the loss.
-  Returns (total loss, metrics dict, Aux).
+  labels of the unlabeled batch (-1 where unknown), used only for diagnostics, never in the loss. `config` gives
+  the structure (which parts run), `hp` (`hyperparams.of_config`, default: the config's) every value that runs may
+  differ in. Returns (total loss, metrics dict, Aux).
   """
+  hp = hyperparams.of_config(config) if hp is None else hp
   s = config.ssl
-  after_warmup = (step // config.train.steps_per_epoch) > s.est_epoch
-  threshold = schedules.of_run(s.threshold, config)(step)
+  after_warmup = (step // config.train.steps_per_epoch) > hp["ssl.est_epoch"]
+  threshold = hp["ssl.threshold"](step)
   prior = jnp.asarray(class_prior, jnp.float32)
   if s.reference_row_order:  # reproduces the reference's feature rows (mu == 1 enforced by validation)
     rows = interleave_rows(jnp.concatenate(feats), 4)
@@ -171,15 +145,16 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
   metrics = {}
 
   # Supervised term.
-  adjust_x = losses.logit_adjustment(prior, s.tau2) if s.labeled_logit_adjust else 0.0
+  adjust_x = losses.logit_adjustment(prior, hp["ssl.tau2"]) if s.labeled_logit_adjust else 0.0
   loss_x = jnp.mean(losses.cross_entropy(logits.x + adjust_x, y))
 
   # Pseudo-labels of the standard head, mixed with the prototypes, and their masks.
-  p_plain, p = pseudo_labels(logits.u_weak, prior, temperature=s.temperature, pula=s.pula, tau1=s.tau1)
+  p_plain, p = pseudo_labels(logits.u_weak, prior, temperature=hp["ssl.temperature"], pula=s.pula,
+                             tau1=hp["ssl.tau1"])
   if config.plce.enabled:
-    ramp = schedules.of_run(config.plce.ramp, config)(step)
-    weight = jnp.where(after_warmup, config.plce.alpha * ramp * semi.class_weight, 0.0)
-    p, weight = mix_prototypes(p, feats.u_strong1, semi.bank, weight, tau=config.plce.tau_tar,
+    ramp = hp["plce.ramp"](step)
+    weight = jnp.where(after_warmup, hp["plce.alpha"] * ramp * semi.class_weight, 0.0)
+    p, weight = mix_prototypes(p, feats.u_strong1, semi.bank, weight, tau=hp["plce.tau_tar"],
                                renormalize=config.plce.renormalize)
     metrics["plce_weight"] = jnp.mean(weight)
   p = jax.lax.stop_gradient(p)
@@ -190,7 +165,7 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
   # Hard-example mining and the unlabeled loss.
   weights = mask_ss.astype(jnp.float32)
   if config.miner.enabled:
-    scale = schedules.of_run(config.miner.scale, config)(step)
+    scale = hp["miner.scale"](step)
     ohem, mined = mining_weights(p, mask_ss, mode=config.miner.mode, scale=scale,
                                  hard_fraction=config.miner.hard_fraction, active=after_warmup)
     weights = weights * ohem
@@ -200,7 +175,8 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
 
   if s.dual_head:
     loss_x_b, loss_u_b, mask_rate_b = balanced_head_loss(
-        logits_b, logits.u_weak, y, prior, tau2=s.tau2, tau12=s.tau12, temperature=s.temperature,
+        logits_b, logits.u_weak, y, prior, tau2=hp["ssl.tau2"], tau12=hp["ssl.tau12"],
+        temperature=hp["ssl.temperature"],
         threshold=threshold)
     total = total + loss_x_b + loss_u_b
     metrics.update(loss_x_b=loss_x_b, loss_u_b=loss_u_b, mask_rate_b=mask_rate_b)
@@ -208,9 +184,9 @@ def compute_objective(logits: Views, logits_b: Views, feats: Views, y, u_label, 
   teacher_mean = jnp.zeros(feats.u_weak.shape[-1:], jnp.float32)
   if config.cons.enabled:  # on the unconfident examples, after the warm-up
     loss_cons, teacher_mean = consistency_loss(feats.u_weak, feats.u_strong1, feats.u_strong2, semi.qbar,
-                                               (~mask_ss).astype(jnp.float32), proto_t=config.cons.proto_t)
+                                               (~mask_ss).astype(jnp.float32), proto_t=hp["cons.proto_t"])
     loss_cons = jnp.where(after_warmup, loss_cons, 0.0)
-    total = total + config.cons.weight * loss_cons
+    total = total + hp["cons.weight"] * loss_cons
     metrics["loss_cons"] = loss_cons
 
   # Diagnostics: the true labels of the unlabeled data never enter the loss.

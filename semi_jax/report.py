@@ -38,9 +38,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
-from semi_jax import files, metrics, schedules, sweep
+from semi_jax import files, metrics, outputs, schedules, sweep
+from semi_jax.outputs import DIVERGED, FINISHED
 
-EVAL_LOG = "eval.jsonl"  # written by semi_jax.train, one record per evaluation
+EVAL_LOG = outputs.EVAL_LOG  # one record per evaluation
 CSV_FILE, MD_FILE = "report.csv", "report.md"
 PLOTS = {"balanced_acc": "balanced_acc.png", "bank": "bank.png", "per_class": "per_class.png",
          "paired": "paired.png", "pseudo_labels": "pseudo_labels.png", "schedules": "schedules.png"}
@@ -140,9 +141,25 @@ def seed_metrics(evals: Sequence[dict], last_n: int) -> dict:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (ddof=1; nan for a single value)."""
+  """Mean and sample standard deviation (ddof=1; nan for a single value; both nan for none)."""
   x = np.asarray(values, np.float64)
+  if not x.size:
+    return float("nan"), float("nan")
   return float(np.mean(x)), (float(np.std(x, ddof=1)) if x.size > 1 else float("nan"))
+
+
+def run_status(run: SeedRun) -> str | None:
+  """The run's summary.json status: finished or diverged (None while it trains)."""
+  if run.summary is None:
+    return None
+  return run.summary.get("status", FINISHED)  # (summaries of earlier versions have no status: finished)
+
+
+def _by_variant(runs: Sequence[SeedRun]) -> dict[str, list[SeedRun]]:
+  groups = {}
+  for run in runs:
+    groups.setdefault(run.variant, []).append(run)
+  return groups
 
 
 def group_by_variant(runs: Sequence[SeedRun]) -> dict[str, list[SeedRun]]:
@@ -199,15 +216,24 @@ def summarize(runs: Sequence[SeedRun], last_n: int = 5, paired_on: str = "best_v
   if paired_on not in PAIRED_ON:
     raise ValueError(f"paired_on={paired_on!r} is invalid; choose one of {', '.join(PAIRED_ON)}.")
   rows, by_seed = [], []
-  for variant, group in group_by_variant(runs).items():
+  for variant, every in _by_variant(runs).items():
+    diverged = [r for r in every if run_status(r) == DIVERGED]
+    group = [r for r in every if r.evals and r not in diverged]  # the statistics: runs that did not diverge
+    if not group and not diverged:
+      continue  # no evaluation yet
     per_seed = [seed_metrics(r.evals, last_n) for r in group]
     by_seed.append({r.seed: m for r, m in zip(group, per_seed)})
     row = {"variant": variant, "seeds": len(group),
            "finished": sum(r.summary is not None and r.summary.get("step") == r.evals[-1]["step"] for r in group),
-           "steps": min(m["step"] for m in per_seed)}
+           "steps": min((m["step"] for m in per_seed), default=0), "diverged": len(diverged),
+           "skipped_steps": sum(int((r.summary or {}).get("skipped_steps") or 0) for r in every)}
+    row["status"] = ", ".join(part for part in (
+        f"{row['seeds']} trained" if row["seeds"] else "",
+        f"{len(diverged)} diverged (" + ", ".join(f"seed {r.seed} at step {r.summary.get('step')}"
+                                                  for r in diverged) + ")" if diverged else "") if part)
     for name in METRICS:
       row[f"{name}_mean"], row[f"{name}_std"] = mean_std([m[name] for m in per_seed])
-    row["overrides"] = describe_overrides(group[0])
+    row["overrides"] = describe_overrides(every[0])
     rows.append(row)
   if reference is not None:
     names = [row["variant"] for row in rows]
@@ -275,7 +301,7 @@ def describe_overrides(run: SeedRun) -> str:
 
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
-  columns = ["variant", "seeds", "finished", "steps"]
+  columns = ["variant", "seeds", "finished", "steps", "diverged", "skipped_steps", "status"]
   columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["final_delta"]
   columns += ["paired_metric", "paired_n", "paired_mean", "paired_ci_low", "paired_ci_high", "paired_wins",
               "paired_excludes_0", "overrides"]
@@ -303,7 +329,8 @@ def _paired_cell(row: dict) -> str:
 
 
 def markdown(rows: Sequence[dict], last_n: int, plots: Sequence[str], pending: Sequence[str] = ()) -> str:
-  header = ["variant", "seeds", "steps"] + [label or f"last-{last_n} bal. acc" for label in MD_METRICS.values()]
+  header = ["variant", "seeds", "steps", "status", "skipped steps"]
+  header += [label or f"last-{last_n} bal. acc" for label in MD_METRICS.values()]
   header += ["Δ final", "paired Δ (95% CI)", "wins", "overrides"]
   paired = _PAIRED_BY_METRIC[rows[0]["paired_metric"] if rows else "final_balanced_acc"].text.format(last_n=last_n)
   lines = ["# Ablation report", "",
@@ -316,11 +343,13 @@ def markdown(rows: Sequence[dict], last_n: int, plots: Sequence[str], pending: S
            f"seed-by-seed difference from it (runs of one seed share the split and the input stream) of {paired}, "
            "with a 95 % t-interval over seeds; * marks an interval that excludes 0; 'wins' counts the seeds in "
            "which the variant is better. 'steps' is the step "
-           "of the least advanced seed; seeds marked * have not finished.", "",
+           "of the least advanced seed; seeds marked * have not finished. 'status' counts the seeds that trained "
+           "and those that diverged (their summary.json says where; they are left out of every statistic), "
+           "'skipped steps' the steps skipped as non-finite over all seeds (train.skip_nonfinite_steps).", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
     seeds = f"{r['seeds']}" + ("" if r["finished"] == r["seeds"] else f" ({r['seeds'] - r['finished']}*)")
-    cells = [r["variant"], seeds, str(r["steps"])]
+    cells = [r["variant"], seeds, str(r["steps"]), r["status"], str(r["skipped_steps"])]
     cells += [_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in MD_METRICS]
     paired = ["(reference)", "-"] if r is rows[0] else [_paired_cell(r), f"{r['paired_wins']}/{r['paired_n']}"]
     cells += [f"{r['final_delta']:+.2f}", *paired, r["overrides"].replace("|", "/")]
@@ -506,7 +535,7 @@ def make_report(workdir: str, last_n: int = 5, paired_on: str = "best_val",
     raise ValueError(f"no run under {workdir} has an evaluation yet (expected {workdir}/<variant>/seed_<s>/"
                      f"{EVAL_LOG}); run python -m semi_jax.sweep --workdir={workdir} first.")
   groups = group_by_variant(runs)
-  pending = sorted({r.variant for r in runs} - set(groups))
+  pending = sorted({r.variant for r in runs} - set(groups) - {row["variant"] for row in rows})
   written = {}
   plot_metric_curves(groups, files.join(workdir, PLOTS["balanced_acc"]),
                      [("Test balanced accuracy (reported head)", "balanced accuracy (%)",

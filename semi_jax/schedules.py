@@ -112,13 +112,8 @@ def schedule_config(
   return cfg
 
 
-def from_value(x: float) -> ml_collections.ConfigDict:
-  """Shorthand for a constant schedule equal to `x`."""
-  return schedule_config(kind="constant", value=x)
-
-
 def make_schedule(cfg: Mapping, total_steps: int, steps_per_epoch: int | None = None) -> Schedule:
-  """Builds `step -> float32 scalar` from a schedule config.
+  """Builds `step -> float32 scalar` from a schedule config: its `ScheduleArrays` (see `as_arrays`).
 
   Args:
     cfg: a config from `schedule_config` (or a mapping with the same keys).
@@ -128,59 +123,19 @@ def make_schedule(cfg: Mapping, total_steps: int, steps_per_epoch: int | None = 
   Returns:
     A pure jnp function of the step (int or int array, concrete or traced).
   """
-  _validate(cfg)
-  total_steps = _positive_int_arg("total_steps", total_steps)
-  if steps_per_epoch is not None:
-    steps_per_epoch = _positive_int_arg("steps_per_epoch", steps_per_epoch)
-  kind = cfg["kind"]
-  value = float(cfg["value"])
-  warmup_steps = int(cfg["warmup_steps"])
-  if warmup_steps > total_steps:
-    raise ValueError(
-        f"schedule field 'warmup_steps' = {warmup_steps} exceeds total_steps = {total_steps}: the "
-        f"warm-up must fit in training; use 0 <= warmup_steps <= {total_steps}."
-    )
-
-  if kind == "constant":
-    base = lambda s: jnp.full(jnp.shape(s), value, jnp.float32)
-  elif kind in ("linear", "cosine"):
-    base = _window_schedule(cfg, kind, total_steps)
-  elif kind in ("exponential", "step"):
-    base = _decay_schedule(cfg, staircase=(kind == "step"))
-  elif kind == "reference_cosine":
-    base = _reference_cosine(cfg, total_steps)
-  elif kind == "reference_ramp":
-    if steps_per_epoch is None:
-      raise ValueError(
-          "schedule kind 'reference_ramp' needs steps_per_epoch (the reference's eval_step), got None: "
-          "pass make_schedule(cfg, total_steps, steps_per_epoch=...)."
-      )
-    base = _reference_ramp(value, steps_per_epoch)
-  else:  # _validate already rejected it; kept so a new kind cannot fall through silently.
-    raise ValueError(f"schedule field 'kind' = {kind!r} is unknown; allowed: {', '.join(KINDS)}.")
-
-  if warmup_steps == 0:
-    return lambda step: base(_steps_to_float(step))
-  return _with_warmup(base, warmup_steps, float(cfg["warmup_value"]))
-
-
-def of_run(cfg, config) -> Schedule:
-  """`make_schedule` of a schedule field of a run's `config`, over its train.total_steps and steps_per_epoch.
-
-  The field may also be a `ScheduleArrays` (a schedule passed to a jitted step as data, see `as_arrays`)."""
-  if isinstance(cfg, ScheduleArrays):
-    return cfg
-  return make_schedule(cfg, config.train.total_steps, config.train.steps_per_epoch)
+  return as_arrays(cfg, total_steps, steps_per_epoch)
 
 
 @flax.struct.dataclass
 class ScheduleArrays:
-  """A schedule as float32 arrays instead of Python constants: the same function as `make_schedule`'s (bitwise),
-  with the kind an index into KINDS, so that runs whose schedules differ, in kind too, can be one program with a
-  leading run axis (`jax.vmap` over the fields). Made by `as_arrays`; calling it evaluates it at a step.
+  """A schedule as numbers: the constants of its formula, with the kind an index into KINDS. Calling it evaluates
+  the schedule at a step.
 
-  The fields are the constants the closures of `make_schedule` compute from the config on the host (in float64,
-  as Python does), so that they round to float32 exactly as those closures' constants do.
+  Every kind's formula is written once (`_FORMULAS`). Made by `as_arrays` from a config, the fields are numpy
+  scalars, constants of the program: the one formula of the kind is evaluated. The same object with traced fields
+  (runs trained together, stacked on a leading run axis and `jax.vmap`-ed; see semi_jax.hyperparams) evaluates
+  every kind's formula and selects the run's, so runs whose schedules differ, in kind too, are one program. The
+  constants are computed from the config on the host in float64, as Python does, and rounded to float32 once.
   """
   kind: jnp.ndarray  # int32 index into KINDS
   value: jnp.ndarray
@@ -198,43 +153,90 @@ class ScheduleArrays:
 
   def __call__(self, step):
     s = _steps_to_float(step)
-    value = self.base(s)
+    if is_static(self.warmup_steps) and float(self.warmup_steps) == 0.0:
+      return self.base(s).astype(jnp.float32)
     target = self.base(jnp.full_like(s, self.warmup_steps))
     ramp = self.warmup_value + (target - self.warmup_value) * (s / self.warmup_steps)
-    # warmup_steps 0: s < 0 never holds, and the ramp's 0/0 is never selected.
-    return jnp.where(s < self.warmup_steps, ramp, value).astype(jnp.float32)
+    # warmup_steps 0 (traced): s < 0 never holds, and the ramp's 0/0 is never selected.
+    return jnp.where(s < self.warmup_steps, ramp, self.base(s)).astype(jnp.float32)
 
   def base(self, s):
-    progress = jnp.clip((s - self.start) / self.steps, 0.0, 1.0)
-    exponent = jnp.maximum(s - self.start, 0.0) / self.every
-    by_kind = [
-        jnp.full(jnp.shape(s), self.value, jnp.float32),  # constant
-        self.value + self.delta * progress,  # linear
-        self.end + self.half_span * (1.0 + jnp.cos(jnp.pi * progress)),  # cosine
-        self.value * jnp.power(self.rate, exponent),  # exponential
-        self.value * jnp.power(self.rate, jnp.floor(exponent)),  # step
-        self.value * jnp.maximum(0.0, jnp.cos(self.pi_cycles * ((s - self.start) / self.steps))),  # ref. cosine
-        self.value * jnp.floor(s / self.steps_per_epoch) / self.steps_per_epoch,  # reference_ramp
-    ]
-    return jnp.select([self.kind == i for i in range(len(KINDS))], by_kind)
+    """The schedule without its warm-up at the float steps `s`."""
+    if is_static(self.kind):
+      return _FORMULAS[KINDS[int(self.kind)]](self, s)
+    return jnp.select([self.kind == i for i in range(len(KINDS))], [_FORMULAS[k](self, s) for k in KINDS])
 
 
-def as_arrays(cfg: Mapping, total_steps: int, steps_per_epoch: int) -> ScheduleArrays:
-  """The schedule of `cfg` over `total_steps` as a `ScheduleArrays` of numpy scalars (validated as
-  `make_schedule` validates it, which is also called so that every error is the same)."""
-  make_schedule(cfg, total_steps, steps_per_epoch)
+def is_static(x) -> bool:
+  """Whether a number is a constant of the program (a Python or numpy value), not a traced input."""
+  return isinstance(x, (int, float, np.generic, np.ndarray))
+
+
+def _progress(p: ScheduleArrays, s):
+  return jnp.clip((s - p.start) / p.steps, 0.0, 1.0)
+
+
+def _exponent(p: ScheduleArrays, s):
+  # Clamped at 0 so that steps before start_step give exactly `value` (and 0**negative never appears).
+  return jnp.maximum(s - p.start, 0.0) / p.every
+
+
+# One formula per kind (see the module docstring); p holds the constants `as_arrays` derives from the config.
+_FORMULAS = {
+    "constant": lambda p, s: jnp.full(jnp.shape(s), p.value, jnp.float32),
+    "linear": lambda p, s: p.value + p.delta * _progress(p, s),
+    "cosine": lambda p, s: p.end + p.half_span * (1.0 + jnp.cos(jnp.pi * _progress(p, s))),
+    "exponential": lambda p, s: p.value * jnp.power(p.rate, _exponent(p, s)),
+    "step": lambda p, s: p.value * jnp.power(p.rate, jnp.floor(_exponent(p, s))),
+    # Past the horizon the progress is not clipped, only the cosine is clamped at 0, as in the reference.
+    "reference_cosine": lambda p, s: p.value * jnp.maximum(0.0, jnp.cos(p.pi_cycles * ((s - p.start) / p.steps))),
+    # The reference's epoch / eval_step with epoch = step // eval_step.
+    "reference_ramp": lambda p, s: p.value * jnp.floor(s / p.steps_per_epoch) / p.steps_per_epoch,
+}
+assert tuple(_FORMULAS) == KINDS
+
+
+def as_arrays(cfg: Mapping, total_steps: int, steps_per_epoch: int | None = None) -> ScheduleArrays:
+  """The schedule of `cfg` over `total_steps` as a `ScheduleArrays` of numpy scalars, after checking that it fits
+  the run (ValueError naming the field otherwise)."""
+  _validate(cfg)
+  total_steps = _positive_int_arg("total_steps", total_steps)
+  if steps_per_epoch is not None:
+    steps_per_epoch = _positive_int_arg("steps_per_epoch", steps_per_epoch)
   kind = cfg["kind"]
+  warmup_steps = int(cfg["warmup_steps"])
+  if warmup_steps > total_steps:
+    raise ValueError(
+        f"schedule field 'warmup_steps' = {warmup_steps} exceeds total_steps = {total_steps}: the "
+        f"warm-up must fit in training; use 0 <= warmup_steps <= {total_steps}."
+    )
   value, end, start = float(cfg["value"]), float(cfg["end_value"]), int(cfg["start_step"])
   steps = _resolve_steps(cfg, total_steps, start) if kind in ("linear", "cosine") else max(int(cfg["steps"]), 1)
   if kind == "reference_cosine":
-    start = int(cfg["warmup_steps"])
-    steps = _resolve_steps(cfg, total_steps, 0) - start
+    if start != 0:
+      raise ValueError(
+          f"schedule field 'start_step' = {start} is not supported by kind 'reference_cosine', which starts at "
+          "step 0 like the reference; use 0 (delay with warmup_steps) or kind 'cosine'."
+      )
+    horizon = _resolve_steps(cfg, total_steps, 0)
+    if warmup_steps >= horizon:
+      raise ValueError(
+          f"schedule field 'warmup_steps' = {warmup_steps} must be < the reference_cosine horizon {horizon} "
+          "(steps, or total_steps when steps = 0)."
+      )
+    start, steps = warmup_steps, horizon - warmup_steps
+  if kind == "reference_ramp" and steps_per_epoch is None:
+    raise ValueError(
+        "schedule kind 'reference_ramp' needs steps_per_epoch (the reference's eval_step), got None: "
+        "pass make_schedule(cfg, total_steps, steps_per_epoch=...)."
+    )
   f32 = np.float32
   return ScheduleArrays(
       kind=np.int32(KINDS.index(kind)), value=f32(value), end=f32(end), delta=f32(end - value),
       half_span=f32((value - end) * 0.5), start=f32(start), steps=f32(steps), rate=f32(cfg["rate"]),
-      every=f32(cfg["every"]), pi_cycles=f32(math.pi * float(cfg["cycles"])), steps_per_epoch=f32(steps_per_epoch),
-      warmup_steps=f32(cfg["warmup_steps"]), warmup_value=f32(cfg["warmup_value"]))
+      every=f32(cfg["every"]), pi_cycles=f32(math.pi * float(cfg["cycles"])),
+      steps_per_epoch=f32(steps_per_epoch or 1), warmup_steps=f32(warmup_steps),
+      warmup_value=f32(cfg["warmup_value"]))
 
 
 def sample(cfg: Mapping, total_steps: int, steps_per_epoch: int | None, points) -> np.ndarray:
@@ -293,84 +295,6 @@ def describe(cfg: Mapping) -> str:
   if cfg["warmup_steps"] > 0:
     text += f", warm-up from {_fmt(cfg['warmup_value'])} over {cfg['warmup_steps']} steps"
   return text
-
-
-# --- kinds -------------------------------------------------------------------------------------------
-
-
-def _window_schedule(cfg: Mapping, kind: str, total_steps: int):
-  """linear / cosine from value to end_value over [start_step, start_step + steps]."""
-  value, end = float(cfg["value"]), float(cfg["end_value"])
-  start = int(cfg["start_step"])
-  steps = _resolve_steps(cfg, total_steps, start)
-
-  def schedule(s):
-    progress = jnp.clip((s - start) / steps, 0.0, 1.0)
-    if kind == "linear":
-      return value + (end - value) * progress
-    return end + (value - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-
-  return schedule
-
-
-def _decay_schedule(cfg: Mapping, staircase: bool):
-  """exponential (continuous) / step (staircase) decay by `rate` every `every` steps after start_step."""
-  value, rate = float(cfg["value"]), float(cfg["rate"])
-  start, every = int(cfg["start_step"]), int(cfg["every"])
-
-  def schedule(s):
-    # Clamped at 0 so that steps before start_step give exactly `value` (and 0**negative never appears).
-    exponent = jnp.maximum(s - start, 0.0) / every
-    if staircase:
-      exponent = jnp.floor(exponent)
-    return value * jnp.power(jnp.float32(rate), exponent)
-
-  return schedule
-
-
-def _reference_cosine(cfg: Mapping, total_steps: int):
-  """The SeMi/FixMatch LR factor after its warm-up: value * max(0, cos(pi * cycles * progress))."""
-  value, cycles = float(cfg["value"]), float(cfg["cycles"])
-  if cfg["start_step"] != 0:
-    raise ValueError(
-        f"schedule field 'start_step' = {cfg['start_step']} is not supported by kind 'reference_cosine', "
-        "which starts at step 0 like the reference; use 0 (delay with warmup_steps) or kind 'cosine'."
-    )
-  horizon = _resolve_steps(cfg, total_steps, 0)
-  warmup = int(cfg["warmup_steps"])
-  if warmup >= horizon:
-    raise ValueError(
-        f"schedule field 'warmup_steps' = {warmup} must be < the reference_cosine horizon {horizon} "
-        "(steps, or total_steps when steps = 0)."
-    )
-
-  def schedule(s):
-    progress = (s - warmup) / (horizon - warmup)
-    return value * jnp.maximum(0.0, jnp.cos(jnp.pi * cycles * progress))
-
-  return schedule
-
-
-def _reference_ramp(value: float, steps_per_epoch: int):
-  """The reference's prototype-mixing ramp: value * epoch / eval_step with epoch = step // eval_step."""
-
-  def schedule(s):
-    epoch = jnp.floor(s / steps_per_epoch)
-    return value * epoch / steps_per_epoch
-
-  return schedule
-
-
-def _with_warmup(base, warmup_steps: int, warmup_value: float) -> Schedule:
-  """Linear from warmup_value at step 0 to base(warmup_steps) at warmup_steps, then base."""
-
-  def schedule(step):
-    s = _steps_to_float(step)
-    target = base(jnp.full_like(s, float(warmup_steps)))
-    ramp = warmup_value + (target - warmup_value) * (s / warmup_steps)
-    return jnp.where(s < warmup_steps, ramp, base(s)).astype(jnp.float32)
-
-  return schedule
 
 
 # --- helpers -----------------------------------------------------------------------------------------

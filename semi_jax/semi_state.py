@@ -10,32 +10,15 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from semi_jax import memory_bank, schedules
-
-# Per-class factor of the prototype-mixing weight (config field plce.class_weight).
-CLASS_WEIGHTS = ("frequency", "decayed_frequency", "decayed_inverse", "uniform")
-DECAY_CLOCKS = ("epoch", "global")  # bank.decay_clock
-COUNT_WINDOWS = ("run", "epoch")  # plce.class_weight_counts
-
-
-def choose(choice, options: tuple[str, ...], branches: dict, field: str):
-  """`branches[choice]()` for a choice among `options` given as a string (a run's own config), or, where several
-  runs trained together differ in it (semi_jax.hyperparams), as a traced index into `options`: then every
-  branch is computed and the chosen one selected. `field` names the config field in errors."""
-  if isinstance(choice, str):
-    if choice not in options:
-      raise ValueError(f"unknown {field} {choice!r}; choose one of {options}.")
-    return branches[choice]()
-  values = [branches[o]() for o in options]
-  return jnp.select([choice == i for i in range(len(options))], values)
-
+from semi_jax import algorithms, hyperparams, memory_bank
+from semi_jax.hyperparams import choose
 
 def decay_due(step, last_decay_step, interval, steps_per_epoch: int, clock):
   """Whether the bank decays after step `step` (0-based). epoch: the reference's `(batch_idx + 1) % decay_step
   == 0` with batch_idx restarting every epoch; global: `interval` steps after the last decay."""
-  return choose(clock, DECAY_CLOCKS, {"epoch": lambda: ((step % steps_per_epoch) + 1) % interval == 0,
-                                      "global": lambda: (step + 1 - last_decay_step) >= interval},
-                "bank.decay_clock")
+  return choose(clock, algorithms.DECAY_CLOCKS, {
+      "epoch": lambda: ((step % steps_per_epoch) + 1) % interval == 0,
+      "global": lambda: (step + 1 - last_decay_step) >= interval}, "bank.decay_clock")
 
 
 @flax.struct.dataclass
@@ -89,14 +72,14 @@ def monitor_class_weight(counts, epoch, df, kind: str):
   inv = inv / jnp.maximum(jnp.sum(inv), 1e-12)
   power = 1.0 - df ** (epoch + 1.0)
   safe_log = lambda p: jnp.log(jnp.maximum(p, 1e-12))
-  return choose(kind, CLASS_WEIGHTS, {
+  return choose(kind, algorithms.CLASS_WEIGHTS, {
       "frequency": lambda: freq,  # the reference's choice ("inv_base" there)
       "decayed_frequency": lambda: jnp.exp(safe_log(freq) * power),
       "decayed_inverse": lambda: jnp.exp(safe_log(inv) * power),
       "uniform": lambda: jnp.ones_like(counts)}, "plce.class_weight")
 
 
-def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[SemiState, dict]:
+def update(semi: SemiState, aux, step, config, hp: dict | None = None, gather=lambda x: x) -> tuple[SemiState, dict]:
   """The SeMi state after step `step` (0-based) from the objective's `aux` (`objective.Aux`).
 
   - bank (bank.enabled): both strong views' features enter as candidates with the confidence and class of their
@@ -111,15 +94,16 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
     evaluation).
   Returns (new state, metrics).
   """
+  hp = hyperparams.of_config(config) if hp is None else hp
   metrics = {}
   bank, last_decay = semi.bank, semi.last_decay_step
   if config.bank.enabled:
     twice = lambda a: gather(jnp.concatenate([a, a], axis=0))
     feats = gather(jax.lax.stop_gradient(jnp.concatenate(aux.f_strong, axis=0)))
     bank = memory_bank.push(bank, feats, twice(aux.conf), twice(aux.target), twice(aux.mask))
-    interval = jnp.maximum(jnp.round(schedules.of_run(config.bank.decay_every, config)(step)).astype(jnp.int32), 1)
-    due = decay_due(step, last_decay, interval, config.train.steps_per_epoch, config.bank.decay_clock)
-    bank = jax.lax.cond(due, memory_bank.decay, lambda b, _: b, bank, schedules.of_run(config.bank.beta, config)(step))
+    interval = jnp.maximum(jnp.round(hp["bank.decay_every"](step)).astype(jnp.int32), 1)
+    due = decay_due(step, last_decay, interval, config.train.steps_per_epoch, hp["bank.decay_clock"])
+    bank = jax.lax.cond(due, memory_bank.decay, lambda b, _: b, bank, hp["bank.beta"](step))
     last_decay = jnp.where(due, step + 1, last_decay)
     fill = memory_bank.fill_fraction(bank)
     metrics.update(bank_fill=jnp.mean(fill), bank_fill_min=jnp.min(fill),
@@ -131,16 +115,15 @@ def update(semi: SemiState, aux, step, config, gather=lambda x: x) -> tuple[Semi
   epoch_end = (step % spe) == (spe - 1)
   class_weight = jax.lax.cond(
       epoch_end,
-      lambda: monitor_class_weight(counts, step // spe, schedules.of_run(config.ssl.monitor_df, config)(step),
-                                   config.plce.class_weight),
+      lambda: monitor_class_weight(counts, step // spe, hp["ssl.monitor_df"](step), hp["plce.class_weight"]),
       lambda: semi.class_weight)
 
   qbar = semi.qbar
   if config.cons.enabled:
-    m = config.cons.center_momentum
+    m = hp["cons.center_momentum"]
     qbar = jnp.where(aux.after_warmup, m * semi.qbar + (1.0 - m) * aux.teacher_mean, semi.qbar)
   # With per-epoch counts the refreshed weight used this epoch's counts: start anew.
-  counts = choose(config.plce.class_weight_counts, COUNT_WINDOWS, {
+  counts = choose(hp["plce.class_weight_counts"], algorithms.COUNT_WINDOWS, {
       "run": lambda: counts, "epoch": lambda: jnp.where(epoch_end, jnp.zeros_like(counts), counts)},
       "plce.class_weight_counts")
   pseudo_counts = {k: v + step_counts[k] for k, v in semi.pseudo_counts.items()}

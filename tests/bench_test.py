@@ -142,14 +142,41 @@ def test_together_benchmark_reports_every_run_count(tmp_path, capsys):
   bench_together.main([f"--config={os.path.join(ROOT, 'configs', 'test.py')}", "--runs=1,3", "--seeds=1",
                        "--steps=1", f"--out={out}"])
   result = json.loads(out.read_text())
-  assert [r["runs"] for r in result["stacked"]] == [1, 3]
+  assert [(r["runs"], r["conv"]) for r in result["stacked"]] == [(1, "per_run"), (3, "per_run")]
   three = result["stacked"][1]
   assert three["traced"] == ["bank.beta"] and three["mesh"]["run"] * three["mesh"]["data"] == result["devices"]
   assert three["run_steps_per_s"] == pytest.approx(3 / (three["step_ms"] / 1000.0))
+  assert three["x_alone"] == pytest.approx(three["run_steps_per_s"] / result["alone"]["float32"]["run_steps_per_s"])
   assert three["padded_runs"] % three["mesh"]["run"] == 0 and three["peak_mb_per_run"] > 0
   assert "| 3 |" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     bench_together.main(["--runs=1,2", "--seeds=3"])
+  with pytest.raises(SystemExit):
+    bench_together.main(["--runs=1", "--conv=loop"])
+
+
+def test_accelerator_report_runs_its_whole_path_quickly(tmp_path):
+  """The one command an accelerator machine runs, on the CPU with the tiny config: every section is measured,
+  written as JSON and markdown, within its time budget."""
+  from semi_jax.tools import accelerator_report
+  report = accelerator_report.measure(str(tmp_path), budget_s=600, quick=True, log=lambda line: None)
+  assert set(report["alone"]) == {"float32", "bfloat16"} and not report["skipped"]
+  settings = {(r["setting"], r["dtype"], r["conv"], r["runs"]) for r in report["stacked"]}
+  assert settings == {("wrn", d, c, 3) for d in ("float32", "bfloat16") for c in ("grouped", "per_run")}
+  for r in report["stacked"]:
+    alone = report["alone"][r["dtype"]]
+    assert r["x_alone"] == pytest.approx(r["run_steps_per_s"] * alone["step_ms"] / 1000.0)
+  assert report["augmentation"]["share_pct"] > 0
+  assert set(report["fastest"]) == {"wrn float32 x3", "wrn bfloat16 x3"}
+  written = json.loads((tmp_path / "accelerator_report.json").read_text())
+  assert written["stacked"] == report["stacked"]
+  markdown = (tmp_path / "accelerator_report.md").read_text()
+  assert "## Stacked runs" in markdown and "## Fastest formulation" in markdown
+  assert accelerator_report.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+  assert accelerator_report.peak_tflops("cpu", "float32") is None
+  # A budget that is spent at once measures nothing and says so.
+  spent = accelerator_report.measure(str(tmp_path / "spent"), budget_s=0, quick=True, log=lambda line: None)
+  assert not spent["stacked"] and "alone float32" in spent["skipped"]
 
 
 class _Analysed:

@@ -122,4 +122,6 @@ def test_cli_missing_data_set_is_one_clear_line(tmp_path):
   r = _main("--config=configs/cifar10_lt.py", f"--config.data.data_dir={tmp_path}/tfds",
             f"--workdir={tmp_path}/run")
   assert r.returncode != 0 and "Traceback" not in r.stderr
-  assert "cifar10" in r.stderr and f"{tmp_path}/tfds" in r.stderr and "download_and_prepare" in r.stderr
+  assert "cifar10" in r.stderr and f"{tmp_path}/tfds" in r.stderr
+  assert "semi_jax.tools.prepare_data --dataset=cifar10" in r.stderr
+  assert not os.path.exists(f"{tmp_path}/run/config.json")  # a failed start leaves nothing that binds the next

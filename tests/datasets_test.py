@@ -168,7 +168,7 @@ def test_missing_data_set_names_tfds_name_directory_and_fix(tmp_path):
     datasets.load(_data_config("cifar10", data_dir=str(tmp_path)))
   message = str(error.value)
   assert "'cifar10'" in message and str(tmp_path) in message
-  assert f"tfds.builder('cifar10', data_dir='{tmp_path}').download_and_prepare()" in message
+  assert f"python -m semi_jax.tools.prepare_data --dataset=cifar10 --data_dir={tmp_path}" in message
 
 
 def test_missing_data_set_uses_tfds_data_dir_variable(tmp_path, monkeypatch):

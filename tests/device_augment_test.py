@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from configs import test as test_config
 from semi_jax import augment, config_validation, device_augment, input_pipeline, sharding, train
+from semi_jax import program as program_lib
 
 SETTINGS = device_augment.Settings()
 LEVELS = range(1, device_augment.MAX_LEVEL)  # the levels RandAugment draws at the default magnitude
@@ -325,11 +326,11 @@ def test_augment_on_is_validated_and_resolved():
 def test_programs_for_gpus_make_the_views_in_the_step():
   config = test_config.get_config()
   mesh = sharding.make_mesh()
-  build = lambda platforms: train.build_program(config, mesh, num_classes=10, class_prior=np.full(10, 0.1),
+  build = lambda platforms: program_lib.build_program(config, mesh, num_classes=10, class_prior=np.full(10, 0.1),
                                                 mean=np.full(3, 0.5), std=np.full(3, 0.25), platforms=platforms)
   assert build(("cuda",)).views_on_device and not build(("tpu", "cuda")).views_on_device
   assert not build(None).views_on_device  # this machine's CPU devices: auto keeps tf.data
-  spec = train.batch_spec(config, mesh, views_on_device=True)
+  spec = program_lib.batch_spec(config, mesh, views_on_device=True)
   b, u = config.train.batch_size, config.train.batch_size * config.train.mu
   assert spec["images"].shape == (b + u, 8, 8, 3) and spec["positions"].shape == (b + u,)
   assert spec["positions"].sharding == sharding.batch_sharded(mesh)
@@ -348,6 +349,6 @@ def test_a_run_makes_its_views_in_the_step(tmp_path):
   repl = sharding.replicated(trainer.mesh)
   abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), tree)
   args = (abstract(jax.eval_shape(program.init_state, jax.random.key(0))), abstract(jax.eval_shape(program.init_carry)),
-          train.batch_spec(config, trainer.mesh, views_on_device=True), trainer.step_rng)
+          program_lib.batch_spec(config, trainer.mesh, views_on_device=True), trainer.step_rng)
   ops = _collectives(program.train_step.lower(*args).compile().as_text())
   assert "all-to-all" not in ops and "collective-permute" not in ops, sorted(set(ops))

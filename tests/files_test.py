@@ -6,7 +6,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from semi_jax import files
+from semi_jax import files, outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,13 +139,14 @@ def test_run_bookkeeping_on_a_remote_file_system(root):
   workdir = files.join(root, "run")
   files.makedirs(workdir)
   train.check_workdir_config(config, workdir)
+  train.write_workdir_config(config, workdir)
   assert files.read_json(files.join(workdir, train.CONFIG_FILE))["optim"]["lr"] == config.optim.lr
   config.optim.lr = 0.5
   with pytest.raises(ValueError, match="optim.lr: 0.03 -> 0.5"):
     train.check_workdir_config(config, workdir)
-  log = files.join(workdir, train.EVAL_LOG)
+  log = files.join(workdir, outputs.EVAL_LOG)
   for step in (2, 4, 6):
     files.append_line(log, json.dumps({"step": step}))
-  train._truncate_eval_log(log, 4)
+  outputs.repair_eval_log(log, 4)
   assert [json.loads(line)["step"] for line in files.read_text(log).splitlines()] == [2, 4]
-  assert sorted(files.listdir(workdir)) == [train.CONFIG_FILE, train.EVAL_LOG]  # no temporary file left
+  assert sorted(files.listdir(workdir)) == [train.CONFIG_FILE, outputs.EVAL_LOG]  # no temporary file left

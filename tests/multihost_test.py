@@ -18,7 +18,7 @@ import processes
 from step_helpers import run_steps, view_batches
 
 from configs import test as test_config
-from semi_jax import distributed, sharding, train
+from semi_jax import distributed, outputs, sharding, train
 
 PROCESSES, LOCAL_DEVICES = 2, 4
 CHILD_TIMEOUT_S = 240
@@ -96,14 +96,14 @@ def test_two_processes_equal_one_process(tmp_path):
   assert ref_scalars and sorted(pair_scalars) == sorted(ref_scalars)
   for key, value in ref_scalars.items():
     assert pair_scalars[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-  read_evals = lambda d: [json.loads(line) for line in open(os.path.join(d, train.EVAL_LOG))]
+  read_evals = lambda d: [json.loads(line) for line in open(os.path.join(d, outputs.EVAL_LOG))]
   pair_evals, ref_evals = read_evals(pair_dir), read_evals(ref_dir)
   assert [e["step"] for e in pair_evals] == [e["step"] for e in ref_evals] == [2, 3]
   for a, b in zip(pair_evals, ref_evals):
     assert a["loss_b"] == pytest.approx(b["loss_b"], rel=1e-4)
     np.testing.assert_allclose(a["balanced"]["per_class"], b["balanced"]["per_class"], atol=1e-6)
     np.testing.assert_allclose(a["bank_confidence"], b["bank_confidence"], rtol=1e-4, atol=1e-6)
-  pair_summary = json.load(open(os.path.join(pair_dir, train.SUMMARY)))
+  pair_summary = json.load(open(os.path.join(pair_dir, outputs.SUMMARY)))
   for k in ("step", "acc", "balanced_acc", "acc_many", "acc_medium", "acc_few"):
     assert pair_summary[k] == pytest.approx(ref_summary[k], abs=1e-6), k
 

@@ -23,7 +23,7 @@ import pytest
 from processes import Job
 
 from configs import test as test_config
-from semi_jax import checkpointing, config_validation, sharding, train
+from semi_jax import checkpointing, config_validation, outputs, sharding, train
 
 STEPS = 24
 # A checkpoint every step: the uninterrupted run holds the reference state of whichever step a signal stops at.
@@ -65,7 +65,7 @@ def _started_from(job):
 def _restore(workdir, template, step=None):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 100)
   try:
-    return jax.device_get(ckpt.restore(template, step=step))
+    return jax.device_get(ckpt.restore(template, step=step)[1])
   finally:
     ckpt.close()
 
@@ -76,7 +76,7 @@ def _assert_bitwise(a, b):
 
 
 def _evals(workdir):
-  return [json.loads(line) for line in open(os.path.join(workdir, train.EVAL_LOG))]
+  return [json.loads(line) for line in open(os.path.join(workdir, outputs.EVAL_LOG))]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_signal_to_one_process_stops_both_and_the_resumed_run_is_bitwise_equal(
   assert stopped[0] and stopped[0] == stopped[1], (stopped, job.describe())
   step = int(stopped[0][0])
   assert step < STEPS, "the run ended before the signal took effect; raise STEPS"
-  assert _steps(workdir)[-1] == step and not os.path.exists(os.path.join(workdir, train.SUMMARY))
+  assert _steps(workdir)[-1] == step and not os.path.exists(os.path.join(workdir, outputs.SUMMARY))
   _assert_bitwise(_restore(workdir, template, step), _restore(uninterrupted, template, step))
   if signum != signal.SIGTERM:
     return  # the resume below does not depend on the signal
@@ -139,7 +139,7 @@ def test_persistent_read_error_on_one_process_stops_both_and_moves_nothing(tmp_p
 def test_content_error_on_one_process_moves_it_aside_and_both_fall_back(tmp_path, uninterrupted, template):
   workdir = str(tmp_path / "run")
   shutil.copytree(uninterrupted, workdir)
-  os.remove(os.path.join(workdir, train.SUMMARY))
+  os.remove(os.path.join(workdir, outputs.SUMMARY))
   job = _run(workdir, tmp_path, "fallback", fault=(1, "content"))
   assert _started_from(job) == [[STEPS - 1], [STEPS - 1]], job.describe()
   moved = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.startswith("corrupt-")]
@@ -156,7 +156,7 @@ def test_checkpoint_of_two_processes_continues_on_fewer_devices(tmp_path, uninte
   for s in _steps(workdir):
     if s > STEPS - 4:
       shutil.rmtree(os.path.join(ckpts, str(s)))
-  os.remove(os.path.join(workdir, train.SUMMARY))
+  os.remove(os.path.join(workdir, outputs.SUMMARY))
   trainer = train.Trainer(_config(), workdir, mesh=sharding.make_mesh(devices=jax.devices()[:devices]))
   assert trainer.restore() == STEPS - 4
   _assert_bitwise(jax.device_get(trainer.state), _restore(uninterrupted, template, STEPS - 4))  # exact restore
@@ -210,7 +210,7 @@ def test_two_processes_on_a_sub_mesh_equal_one_process_on_as_many_devices(tmp_pa
   assert "on 4 devices (2 processes)" in job.output(0), job.output(0)[-3000:]
   reference = train.Trainer(config, str(tmp_path / "single"), mesh=sharding.make_mesh(devices=jax.devices()[:4]))
   ref_summary = reference.run()
-  pair_summary = json.load(open(os.path.join(pair_dir, train.SUMMARY)))
+  pair_summary = json.load(open(os.path.join(pair_dir, outputs.SUMMARY)))
   for k in ("step", "acc", "balanced_acc", "acc_many", "acc_medium", "acc_few"):
     assert pair_summary[k] == pytest.approx(ref_summary[k], abs=1e-6), k
   pair_evals, ref_evals = _evals(pair_dir), _evals(str(tmp_path / "single"))

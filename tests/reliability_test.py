@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from semi_jax import checkpointing, config_validation, train
+from semi_jax import checkpointing, config_validation, outputs, train
 from semi_jax import train_step as steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,10 +69,10 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
 def _final(workdir, template):
   """Everything a run leaves that must not depend on interruptions: final state, eval log, summary."""
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 10)
-  state = jax.device_get(ckpt.restore(template))
+  state = jax.device_get(ckpt.restore(template)[1])
   ckpt.close()
-  evals = [json.loads(line) for line in open(os.path.join(workdir, train.EVAL_LOG))]
-  summary = json.load(open(os.path.join(workdir, train.SUMMARY)))
+  evals = [json.loads(line) for line in open(os.path.join(workdir, outputs.EVAL_LOG))]
+  summary = json.load(open(os.path.join(workdir, outputs.SUMMARY)))
   for k in ("train_seconds", "trained_steps"):
     summary.pop(k)
   return state, evals, summary
@@ -135,7 +135,7 @@ def test_sigterm_saves_exits_zero_and_resumes_bitwise_equal(tmp_path, reference_
   out = log_path.read_text()
   saved = _steps(workdir)
   assert "Received signal 15" in out and saved and saved[-1] < STEPS, (saved, out[-3000:])
-  assert not os.path.exists(os.path.join(workdir, train.SUMMARY))
+  assert not os.path.exists(os.path.join(workdir, outputs.SUMMARY))
   code, out = _finish(_start(workdir))
   assert code == 0, out
   assert re.findall(r"Training from step (\d+) ", out) == [str(saved[-1])]
@@ -203,6 +203,7 @@ def test_nonfinite_step_stops_the_run_and_keeps_a_good_checkpoint(tmp_path, monk
   assert _steps(workdir) == [1, 2]
   trainer = train.Trainer(config, workdir)
   assert trainer.restore() == 2
+  trainer.leases.release()
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(trainer.state)))
 
 
@@ -213,25 +214,36 @@ def test_skip_nonfinite_steps_keeps_the_old_state(tmp_path, monkeypatch):
   config.train.skip_nonfinite_steps = True
   trainer = train.Trainer(config, str(tmp_path / "run"))
   summary = trainer.run()
-  assert summary["step"] == 4 and summary["skipped_steps"] == 2
+  assert summary["step"] == 4 and summary["skipped_steps"] == 2 and summary["status"] == "finished"
   ckpt = checkpointing.Checkpointer(os.path.join(str(tmp_path / "run"), "checkpoints"), 3)
-  after2, after4 = (jax.device_get(ckpt.restore(trainer.state, step=s)) for s in (2, 4))
+  (_, after2), (_, after4) = (jax.device_get(ckpt.restore(trainer.state, step=s)) for s in (2, 4))
   ckpt.close()
   assert int(after4.step) == 4
-  for a, b in zip(jax.tree.leaves(after2.replace(step=0)), jax.tree.leaves(after4.replace(step=0))):
+  # The skipped steps are counted in the checkpointed state; the optimiser's step count advances with the run's.
+  assert int(after4.guard.skipped) == 2 and int(after4.guard.first_bad_step) == 3
+  assert [int(x) for x in jax.tree.leaves(after4.opt_state) if np.issubdtype(np.asarray(x).dtype, np.integer)] == [4]
+  kept = lambda s: s.replace(step=0, guard=None, opt_state=[x for x in jax.tree.leaves(s.opt_state)
+                                                            if np.issubdtype(np.asarray(x).dtype, np.floating)])
+  for a, b in zip(jax.tree.leaves(kept(after2)), jax.tree.leaves(kept(after4))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _claim(config, workdir):
+  """What a start does with the workdir's config.json: checks it, and (once the run can start) writes it."""
+  train.check_workdir_config(config, workdir)
+  train.write_workdir_config(config, workdir)
 
 
 def test_changed_config_is_refused_with_a_diff_unless_allowed(tmp_path):
   workdir = str(tmp_path)
   config = test_config.get_config()
-  train.check_workdir_config(config, workdir)
+  _claim(config, workdir)
   saved = json.load(open(os.path.join(workdir, train.CONFIG_FILE)))
   assert saved["optim"]["lr"] == config.optim.lr
   # Resume-safe fields change freely.
   config.train.log_every_steps = 7
   config.data.data_dir = "/elsewhere"
-  train.check_workdir_config(config, workdir)
+  _claim(config, workdir)
   # Anything else is refused, naming every differing field with both values.
   config.optim.lr = 0.05
   config.ssl.threshold.value = 0.5
@@ -247,19 +259,19 @@ def test_changed_config_is_refused_with_a_diff_unless_allowed(tmp_path):
     train.check_workdir_config(config, workdir)
   config.train.total_steps, config.optim.lr, config.ssl.threshold.value = 3, 0.05, 0.5
   config.allow_config_change = True
-  train.check_workdir_config(config, workdir)
+  _claim(config, workdir)
   assert json.load(open(os.path.join(workdir, train.CONFIG_FILE)))["optim"]["lr"] == 0.05
 
 
 def test_a_workdir_older_than_a_new_field_resumes_while_the_field_keeps_its_default(tmp_path):
   workdir = str(tmp_path)
   config = test_config.get_config()
-  train.check_workdir_config(config, workdir)
+  _claim(config, workdir)
   path = os.path.join(workdir, train.CONFIG_FILE)
   saved = json.load(open(path))
   del saved["bank"]["dtype"], saved["data"]["augment_on"]  # as written before these fields existed
   json.dump(saved, open(path, "w"))
-  train.check_workdir_config(config, workdir)  # at their defaults: the same run
+  _claim(config, workdir)  # at their defaults: the same run
   saved = json.load(open(path))
   del saved["bank"]["dtype"]
   json.dump(saved, open(path, "w"))

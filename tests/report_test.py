@@ -89,9 +89,10 @@ def test_mean_std_over_seeds_by_hand(two_variants):
   md = open(written["md"]).read()
   # No validation set in these runs: nothing selected, never the best test evaluation.
   assert math.isnan(float(ref["val_selected_balanced_acc_mean"]))
-  row = "| ref | 2 | 6 | 65.00 ± 7.07 | n/a | 65.75 ± 6.72 | 85.00 ± 7.07 | 45.00 ± 7.07 | 20.00 ± 14.14 | n/a |"
+  row = ("| ref | 2 | 6 | 2 trained | 0 | 65.00 ± 7.07 | n/a | 65.75 ± 6.72 | 85.00 ± 7.07 | 45.00 ± 7.07 | "
+         "20.00 ± 14.14 | n/a |")
   assert row in md, md
-  assert "| beta | 1 | 6 | 45.00 | n/a | 42.50 |" in md and "| -20.00 |" in md
+  assert "| beta | 1 | 6 | 1 trained | 0 | 45.00 | n/a | 42.50 |" in md and "| -20.00 |" in md
   assert "last-2 bal. acc" in md
 
 
@@ -326,3 +327,27 @@ def test_paired_statistics_use_the_validation_selection_when_every_run_has_one(t
     report.summarize(report.load_runs(d), paired_on="median")
   r = _report_cli(f"--workdir={d}", "--paired_on=final")
   assert r.returncode == 0 and "| -20.00 | 0/1 |" in r.stdout, r.stderr
+
+
+def test_diverged_runs_are_counted_not_averaged(tmp_path):
+  """A seed that diverged shows in the status column with its step; every statistic leaves it out. Skipped steps
+  are summed over the seeds."""
+  d = str(tmp_path)
+  _write_run(d, "ref", 0, [_record(2, 50.0), _record(4, 60.0)])
+  _write_run(d, "ref", 1, [_record(2, 54.0), _record(4, 70.0)])
+  files.write_json_atomic(files.join(d, "ref", "seed_1", sweep.SUMMARY), {"step": 4, "skipped_steps": 3})
+  _write_run(d, "hot", 0, [_record(2, 30.0), _record(4, 40.0)], index=1)
+  bad = _write_run(d, "hot", 1, [_record(2, 10.0)], index=1)
+  files.write_json_atomic(files.join(bad, sweep.SUMMARY), {"status": "diverged", "step": 3, "skipped_steps": 0})
+  _write_run(d, "all_bad", 0, [], index=2, finished=False)
+  files.write_json_atomic(files.join(d, "all_bad", "seed_0", sweep.SUMMARY), {"status": "diverged", "step": 1})
+  rows = {r["variant"]: r for r in report.summarize(report.load_runs(d), last_n=2)}
+  assert (rows["ref"]["status"], rows["ref"]["skipped_steps"]) == ("2 trained", 3)
+  assert rows["hot"]["status"] == "1 trained, 1 diverged (seed 1 at step 3)" and rows["hot"]["seeds"] == 1
+  assert rows["hot"]["final_balanced_acc_mean"] == 40.0  # the diverged seed's 10 % is not averaged in
+  assert rows["all_bad"]["status"] == "1 diverged (seed 0 at step 1)"
+  assert math.isnan(rows["all_bad"]["final_balanced_acc_mean"])
+  written = report.make_report(d, last_n=2)
+  table = files.read_text(written["md"])
+  assert "| 1 trained, 1 diverged (seed 1 at step 3) |" in table and "No evaluation yet" not in table
+  assert _read_csv(written["csv"])[0]["skipped_steps"] == "3"

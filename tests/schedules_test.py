@@ -27,7 +27,7 @@ def _values(cfg, total_steps, steps, steps_per_epoch=None):
 def test_every_schedule_config_has_the_same_keys_and_types():
   configs = [schedule_config(kind=k) for k in schedules.KINDS]
   configs += [
-      schedules.from_value(0.95),
+      schedule_config("constant", value=0.95),
       schedule_config("linear", value=0, end_value=1, steps=5000),  # ints given for float fields
       schedule_config("reference_cosine", value=0.03, cycles=7 / 16, warmup_steps=10),
   ]
@@ -49,12 +49,6 @@ def test_locked_config_switches_kind_and_accepts_int_for_float_fields():
   assert _values(cfg, 100, [25]) == pytest.approx([1.5])
   with pytest.raises(AttributeError):
     cfg.typo = 1
-
-
-def test_from_value_is_a_constant_schedule():
-  cfg = schedules.from_value(0.95)
-  assert cfg.kind == "constant" and cfg.value == 0.95
-  assert _values(cfg, 1000, [0, 1, 999, 5000]) == pytest.approx([0.95] * 4)
 
 
 # --- values of each kind ---------------------------------------------------------------------------------
@@ -279,7 +273,7 @@ def test_schedule_inside_a_jitted_step_with_a_traced_counter():
 
 
 def test_sample_rejects_non_integer_points():
-  cfg = schedules.from_value(1.0)
+  cfg = schedule_config("constant", value=1.0)
   np.testing.assert_array_equal(schedules.sample(cfg, 10, None, [0.0, 3.0]), [1.0, 1.0])
   with pytest.raises(ValueError, match="integer"):
     schedules.sample(cfg, 10, None, [0.5])
@@ -297,7 +291,7 @@ def test_describe():
   assert schedules.describe(schedule_config("cosine", value=1.0, end_value=0.0, start_step=10)) == (
       "cosine 1.0→0.0 over steps 10..end"
   )
-  assert schedules.describe(schedules.from_value(0.95)) == "constant 0.95"
+  assert schedules.describe(schedule_config("constant", value=0.95)) == "constant 0.95"
   assert schedules.describe(schedule_config("step", value=1.0, rate=0.99, every=50)) == (
       "step 1.0 * 0.99^floor((step-0)/50) from step 0"
   )
@@ -314,7 +308,7 @@ def test_describe():
 @pytest.mark.parametrize(
     "cfg, expected",
     [
-        (schedules.from_value(3.0), True),
+        (schedule_config("constant", value=3.0), True),
         (schedule_config("constant", value=3.0, warmup_steps=10, warmup_value=0.0), False),
         (schedule_config("constant", value=3.0, warmup_steps=10, warmup_value=3.0), True),
         (schedule_config("linear", value=1.0, end_value=1.0), True),
@@ -382,7 +376,7 @@ def test_errors_that_depend_on_the_run_length():
   with pytest.raises(ValueError, match="steps_per_epoch"):
     make_schedule(schedule_config("reference_ramp"), 100)
   with pytest.raises(ValueError, match="total_steps = 0"):
-    make_schedule(schedules.from_value(1.0), 0)
+    make_schedule(schedule_config("constant", value=1.0), 0)
   with pytest.raises(ValueError, match="steps_per_epoch = 0"):
     make_schedule(schedule_config("reference_ramp"), 100, steps_per_epoch=0)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from semi_jax import memory_bank, objective, semi_state
+from semi_jax import algorithms, memory_bank, objective, semi_state
 
 STEPS = 1000
 SPE = 7  # steps per epoch
@@ -66,7 +66,7 @@ def simulate(steps, steps_per_epoch, interval, est_epoch, momentum, masks, targe
   return out
 
 
-@pytest.mark.parametrize("clock", semi_state.DECAY_CLOCKS)
+@pytest.mark.parametrize("clock", algorithms.DECAY_CLOCKS)
 def test_update_timing_matches_the_loop_over_many_steps(clock):
   """1000 steps of `semi_state.update` (7 steps an epoch, a decay every 3 steps, warm-up to the end of epoch 5).
 

@@ -3,7 +3,8 @@ import functools
 
 import jax
 
-from semi_jax import input_pipeline, sharding, train
+from semi_jax import input_pipeline, sharding
+from semi_jax import program as program_lib
 from semi_jax import train_step as steps
 
 
@@ -22,7 +23,7 @@ def packed(batch, blocks):
 def program(trainer, mesh, config=None, platforms=None):
   """The trainer's run built for `mesh` (and `config`, e.g. another dtype or cpu_fast_paths)."""
   d = trainer.data.dataset
-  return train.build_program(config or trainer.config, mesh, num_classes=trainer.num_classes,
+  return program_lib.build_program(config or trainer.config, mesh, num_classes=trainer.num_classes,
                              class_prior=trainer.data.class_prior, mean=d.mean, std=d.std, platforms=platforms)
 
 

@@ -19,7 +19,7 @@ import pytest
 from configs import default
 from configs import test as test_config
 from configs.ablations import components
-from semi_jax import files, report, sweep, train
+from semi_jax import files, outputs, report, sweep, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECAY = os.path.join(ROOT, "configs", "ablations", "decay.py")
@@ -211,10 +211,12 @@ def test_seeds_come_from_the_file_unless_given(tmp_path):
 def test_workdir_of_another_variant_is_refused(tmp_path, monkeypatch):
   path = _write_sweep_file(tmp_path, [("a", {"bank.size": 3})])
   runs = sweep.plan(path, str(tmp_path / "out"))
-  sweep.write_variant_file(sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 5})]),
-                                      str(tmp_path / "out"))[0])
+  other = sweep.plan(_write_sweep_file(tmp_path, [("a", {"bank.size": 5})]), str(tmp_path / "out"))[0]
+  sweep.write_variant_file(other)
   calls = []
   _counting_train(monkeypatch, calls, allow=False)
+  sweep.check_workdirs(runs)  # a variant file where no run started (a failed start) protects nothing
+  files.write_json_atomic(os.path.join(other.workdir, sweep.CONFIG_FILE), {})  # a run that started
   with pytest.raises(ValueError, match=r"holds a run of variant 'a' seed 0 with overrides \{'bank.size': 5\}"):
     sweep.run_sweep(runs, log=lambda s: None)
 
@@ -365,4 +367,4 @@ def test_cli_reports_a_bad_sweep_in_one_line(tmp_path):
 
 
 def test_file_names_match_the_training_loop():
-  assert (sweep.SUMMARY, report.EVAL_LOG) == (train.SUMMARY, train.EVAL_LOG)
+  assert (sweep.SUMMARY, report.EVAL_LOG) == (outputs.SUMMARY, outputs.EVAL_LOG)

@@ -16,10 +16,11 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semi_jax import config_validation, files, hyperparams, schedules, sharding, sweep, together, train
+from semi_jax import config_validation, files, hyperparams, outputs, schedules, sharding, sweep, together, train
 
 SPEC = "tests/data/together_sweep.py"  # 3 decay variants on the test config, 20 steps, no activation kink
 SEEDS = [0, 1]
@@ -35,7 +36,7 @@ def _max_diff(a, b):
 
 
 def _evals(workdir):
-  return [json.loads(line) for line in files.read_text(files.join(workdir, train.EVAL_LOG)).splitlines()]
+  return [json.loads(line) for line in files.read_text(files.join(workdir, outputs.EVAL_LOG)).splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_stacked_runs_equal_the_same_runs_trained_alone(stacked, tmp_path):
 def test_each_run_writes_its_own_outputs(stacked):
   runs, _, summaries = stacked
   for run, summary in zip(runs, summaries):
-    assert files.read_json(files.join(run.workdir, train.SUMMARY))["step"] == 20
+    assert files.read_json(files.join(run.workdir, outputs.SUMMARY))["step"] == 20
     assert files.read_json(files.join(run.workdir, train.CONFIG_FILE))["seed"] == run.seed
     assert [e["step"] for e in _evals(run.workdir)] == list(range(2, 21, 2))
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run.workdir))
@@ -116,6 +117,17 @@ def test_groups_split_on_structure_only(tmp_path):
 ])
 def test_choose_axes(devices, runs, batch, run_axis, per_process, expected):
   assert together.choose_axes(devices, runs, batch, run_axis, per_process) == expected
+
+
+def test_choose_axes_weighs_memory_and_the_platform():
+  # 27 runs on 8 devices: 7 runs x 32 images per device tie with 14 x 16; the smaller data axis wins.
+  assert together.choose_axes(8, 27, 64) == (4, 2)
+  # With 1 GB per run and 5 GB devices only 4 runs per device fit: every device takes its own runs.
+  assert together.choose_axes(8, 27, 64, run_bytes=1e9, device_bytes=5e9) == (8, 1)
+  with pytest.raises(config_validation.ConfigError, match="do not fit in the devices' 0.9 GB"):
+    together.choose_axes(8, 27, 64, run_bytes=1e9, device_bytes=1e9)
+  # GPUs: the fewest runs per device first (stacked WRN-28-2 runs measured slower per run than runs alone).
+  assert together.choose_axes(8, 27, 64, platform="gpu") == (8, 1)
 
 
 def test_choose_axes_refuses_a_split_that_does_not_fit():
@@ -160,16 +172,22 @@ def test_schedule_as_arrays_is_the_same_function(cfg):
   np.testing.assert_allclose(stacked[1], 2.0 * 0.5 ** (steps // 10), rtol=1e-7)
 
 
-def test_bound_config_reads_the_traced_values():
+def test_hyperparameters_as_the_step_reads_them():
+  """Every traced field of a run as its step reads it (`hyperparams.of_config`): constants of a run alone, which
+  compute one option of a choice or one formula of a schedule; traced, they compute all and select."""
   from configs import test as test_config
   config = test_config.get_config()
   config.lock()
-  fields = ("plce.alpha", "ssl.est_epoch", "bank.decay_clock", "ssl.threshold")
-  values = hyperparams.values(config, fields)
-  assert values["ssl.est_epoch"].dtype == np.int32 and values["bank.decay_clock"] == 1  # "global"
-  bound = hyperparams.bind(config, {**values, "plce.alpha": np.float32(0.25)})
-  assert bound.plce.alpha == np.float32(0.25) and config.plce.alpha == 0.4
-  assert schedules.of_run(bound.ssl.threshold, bound)(3) == np.float32(0.12)
+  hp = hyperparams.of_config(config)
+  assert set(hp) == set(hyperparams.traceable_fields(config))
+  assert hp["ssl.est_epoch"].dtype == np.int32 and hp["bank.decay_clock"] == 1  # "global"
+  assert hp["plce.alpha"] == np.float32(0.4) and hp["ssl.threshold"](3) == np.float32(0.12)
+  calls = []
+  branches = {"a": lambda: calls.append("a") or jnp.float32(1.0), "bb": lambda: calls.append("bb") or jnp.float32(2.0)}
+  assert float(hyperparams.choose(np.int32(1), ("a", "bb"), branches)) == 2.0 and calls == ["bb"]
+  calls.clear()
+  assert float(jax.jit(lambda i: hyperparams.choose(i, ("a", "bb"), branches))(np.int32(0))) == 1.0
+  assert calls == ["a", "bb"]
   other = config.copy_and_resolve_references()
   with other.unlocked():
     other.plce.alpha, other.seed, other.ssl.threshold.kind = 0.3, 5, "linear"
@@ -196,23 +214,29 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
     time.sleep(0.2)
   job.signal(0, signal.SIGKILL)
   job.wait(60)
-  assert not os.path.exists(os.path.join(killed, "reference", "seed_0", train.SUMMARY))
+  assert not os.path.exists(os.path.join(killed, "reference", "seed_0", outputs.SUMMARY))
   together_main(spec, killed, flags)
   for variant in ("reference", "beta_anneal", "weight_decayed_inverse"):
     a, b = (os.path.join(d, variant, "seed_0") for d in (done, killed))
     assert _evals(a) == _evals(b), variant
-    sa, sb = files.read_json(os.path.join(a, train.SUMMARY)), files.read_json(os.path.join(b, train.SUMMARY))
+    sa, sb = files.read_json(os.path.join(a, outputs.SUMMARY)), files.read_json(os.path.join(b, outputs.SUMMARY))
     assert {k: v for k, v in sa.items() if k not in ("train_seconds", "trained_steps")} == {
         k: v for k, v in sb.items() if k not in ("train_seconds", "trained_steps")}
   # A finished group is skipped.
   lines = together_main(spec, killed, flags)
   assert sum("finished, skipped" in line for line in lines) == 3
+  # The plan names each group's memory per run and per device.
+  plan = "\n".join(together_main(spec, str(tmp_path / "planned"), ["--seeds=0", "--only=reference"], dry=True))
+  assert "MB state +" in plan and "MB per device" in plan, plan
 
 
-def together_main(spec, workdir, flags):
-  """`python -m semi_jax.sweep` in this process; returns the lines it logged."""
+def together_main(spec, workdir, flags, dry=False):
+  """`python -m semi_jax.sweep` in this process; returns the lines it logged (with `dry`, only the plan)."""
   runs = sweep.plan(spec, workdir, seeds=[0], only=flags[1].split("=")[1].split(","))
   lines = []
+  if dry:
+    lines.append(sweep.describe_together(runs, workdir))
+    return lines
   sweep.run_together(runs, workdir, log=lines.append)
   return lines
 
@@ -239,3 +263,32 @@ def test_sweep_refuses_print_commands_with_together(tmp_path):
                                       print_commands=True, together=True, run_axis_size=-1)
   with pytest.raises(SystemExit, match="give one of them"):
     sweep.main(["sweep"], flag_values)
+
+
+def test_a_group_resumes_on_8_then_4_then_1_device(tmp_path, monkeypatch):
+  """A group stopped and resumed on another device count, hence another padded run count (3 runs padded to 8 on
+  a run axis of 8, to 4 on 4, not at all on 1), continues as the uninterrupted group does: the checkpoint holds
+  the real runs, and the padding is rebuilt."""
+  from semi_jax import preemption
+  runs = _runs(str(tmp_path / "resumed"), seeds=[0])
+  members = [together.Member(r.config, r.workdir, r.variant) for r in runs]
+  group_dir = str(tmp_path / "resumed" / "group")
+  for devices, stop_at in ((8, 6), (4, 12), (1, None)):
+    monkeypatch.setattr(preemption.Preemption, "reached", lambda self, step, stop_at=stop_at: step == stop_at)
+    trainer = together.GroupTrainer(members, group_dir, together.make_mesh(devices, 1, jax.devices()[:devices]))
+    assert trainer.runs == {8: 8, 4: 4, 1: 3}[devices]
+    summaries = trainer.run()
+    assert all(s.get("preempted") for s in summaries) == (stop_at is not None)
+  state = jax.device_get(trainer.state)
+  monkeypatch.setattr(preemption.Preemption, "reached", lambda self, step: False)
+  reference_runs = _runs(str(tmp_path / "uninterrupted"), seeds=[0])
+  reference = together.GroupTrainer([together.Member(r.config, r.workdir, r.variant) for r in reference_runs],
+                                    str(tmp_path / "uninterrupted" / "group"),
+                                    together.make_mesh(1, 1, jax.devices()[:1]))
+  reference.run()
+  expected = jax.device_get(reference.state)
+  assert _max_diff(state, expected) < 1e-5  # as stacked runs equal the runs trained alone
+  for run, ref in zip(runs, reference_runs):
+    for a, b in zip(_evals(run.workdir), _evals(ref.workdir), strict=True):
+      assert a["step"] == b["step"]
+      np.testing.assert_allclose(a["balanced"]["per_class"], b["balanced"]["per_class"], atol=1e-5)

@@ -6,7 +6,8 @@ A sweep file (decay.py, components.py) defines
                         items go to that file, e.g. `:base=cifar10_lt,dist=reversed`.
   get_sweep(arg=None)   [(variant name, {dotted.key: value, ...}), ...]. A value may be a dict (or a
                         ConfigDict), which sets those fields of a group and keeps the others, e.g.
-                        {"bank.beta": {"kind": "linear", "value": 0.95, "end_value": 0.999}}.
+                        {"bank.beta": {"kind": "linear", "value": 0.95, "end_value": 0.999}}. A get_sweep that
+                        also takes `config` gets the base config with the command line's --config.* overrides.
   SEEDS                 the seeds every variant runs with (the runner's --seeds replaces them).
 `python -m semi_jax.sweep --config=configs/ablations/decay.py:base=test --workdir=DIR` runs the sweep;
 `semi_jax.main` also accepts a sweep file as --config, which trains its base configuration.

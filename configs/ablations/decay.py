@@ -45,8 +45,10 @@ def get_config(arg=None):
   return base_config(arg)
 
 
-def get_sweep(arg=None):
-  config = get_config(arg)
+def get_sweep(arg=None, config=None):
+  """The variants. `config`: the base with the command line's overrides (semi_jax.sweep passes it), from which the
+  values tied to training length are derived."""
+  config = get_config(arg) if config is None else config
   total, spe = config.train.total_steps, config.train.steps_per_epoch
   interval = config.bank.decay_every.value
   # The reference ramp is epoch / steps_per_epoch; it exceeds 1 when training has more epochs than steps per

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from semi_jax import sharding
+from semi_jax import run_axis, sharding
 
 IMAGES_PER_CHUNK = 16  # images per kernel-gradient convolution (see `_kernel_grad`)
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -182,6 +182,7 @@ class Conv(nn.Module):
   padding: int = 0
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
+  per_run: Any = None  # semi_jax.models.layers.PerRun: batch over the run axis one run at a time
 
   @nn.compact
   def __call__(self, x):
@@ -192,4 +193,7 @@ class Conv(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(int(s) for s in self.strides)
     padding = ((self.padding, self.padding),) * 2
-    return conv_reversed_weight_grad(x, kernel, strides, padding)
+    conv = lambda x, kernel: conv_reversed_weight_grad(x, kernel, strides, padding)
+    if self.per_run is not None:
+      conv = run_axis.per_run(conv, self.per_run.mesh)
+    return conv(x, kernel)

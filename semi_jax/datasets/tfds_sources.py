@@ -4,7 +4,8 @@ Each loader reads whole splits into host memory as uint8 [N, S, S, 3] with S = `
 sizes are resized bilinearly (with antialiasing, like PIL's resize in the reference's `transforms.Resize`) and
 grey images are repeated over three channels. Nothing is downloaded here. The data directory is
 `data.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets; a data set that is not prepared there raises
-a ValueError that says how to prepare it.
+a ValueError that gives the command that prepares it (`python -m semi_jax.tools.prepare_data`, which reads
+`TFDS_NAMES` and `IMAGENET_RESIZED_ARCHIVES` from here).
 
 ImageNet-127 groups the 1000 ImageNet classes into 127 WordNet super-classes (`imagenet127_classes.txt`, with
 its source in the header) and renumbers them from the largest to the smallest training class, as the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shlex
 
 import numpy as np
 from absl import logging
@@ -31,6 +33,25 @@ IMAGENET127_CLASSES_FILE = pathlib.Path(__file__).with_name("imagenet127_classes
 
 _CHUNK = 4096  # images converted per tf.data batch: bounds the extra memory beyond the final array
 
+# The TFDS data set behind every registered TFDS source (data.name -> TFDS name); `digits` is embedded.
+TFDS_NAMES = {
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "svhn": "svhn_cropped",
+    "stl10": "stl10",
+    "imagenet127_32": "imagenet_resized/32x32",
+    "imagenet127_64": "imagenet_resized/64x64",
+}
+# The downsampled-ImageNet archives TFDS's `imagenet_resized` builder reads (their names in its checksums file).
+# image-net.org serves them only to signed-in ImageNet users, so TFDS cannot fetch them: they are downloaded by
+# hand into <data_dir>/downloads/manual/, where TFDS's download manager takes them instead of downloading.
+IMAGENET_RESIZED_ARCHIVES = {
+    "imagenet_resized/32x32": ("Imagenet32_train_npz.zip", "Imagenet32_val_npz.zip"),
+    "imagenet_resized/64x64": ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
+                               "Imagenet64_val_npz.zip"),
+}
+IMAGENET_DOWNLOAD_PAGE = "https://image-net.org/download-images"
+
 
 def data_dir_of(data_config) -> str:
   """The TFDS data directory a loader reads: data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
@@ -38,26 +59,41 @@ def data_dir_of(data_config) -> str:
           or os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
 
 
-def _how_to_prepare(tfds_name: str, data_dir: str) -> str:
-  prepare = (f"python -c \"import tensorflow_datasets as tfds; "
-             f"tfds.builder('{tfds_name}', data_dir='{data_dir}').download_and_prepare()\"")
-  if tfds_name.startswith("imagenet_resized"):
-    size = tfds_name.split("/")[1].split("x")[0]
-    archives = (f"Imagenet{size}_train_npz.zip and Imagenet{size}_val_npz.zip" if size != "64" else
-                "Imagenet64_train_part1_npz.zip, Imagenet64_train_part2_npz.zip and Imagenet64_val_npz.zip")
-    return (f"Prepare it on a machine with internet access with\n  {prepare}\nwhich fetches the downsampled "
-            f"ImageNet archives ({archives}) from https://image-net.org/data/downsample/; they are ImageNet data, "
-            "so the download may need an ImageNet account and its terms accepted (https://image-net.org/"
-            f"download-images). Then copy {data_dir}/imagenet_resized to this machine's data directory.")
-  return (f"Prepare it on a machine with internet access with\n  {prepare}\nthen copy "
-          f"{data_dir}/{tfds_name.split('/')[0]} to this machine's data directory (set data.data_dir or "
-          "$TFDS_DATA_DIR to the folder that holds it).")
+def manual_dir_of(data_dir: str) -> str:
+  """Where TFDS looks for manually downloaded files of a data set prepared in `data_dir`."""
+  return os.path.join(data_dir, "downloads", "manual")
 
 
-def _missing_error(tfds_name: str, data_dir: str) -> ValueError:
+def prepare_command(name: str, data_dir: str) -> str:
+  """The command that prepares the registered data set `name` in `data_dir`."""
+  return f"python -m semi_jax.tools.prepare_data --dataset={name} --data_dir={shlex.quote(data_dir)}"
+
+
+def _how_to_prepare(name: str | None, tfds_name: str, data_dir: str) -> str:
+  if name is None:  # a TFDS data set that no registered source reads: TFDS's own call prepares it
+    return (f"Prepare it on a machine with internet access with TFDS: tfds.builder('{tfds_name}', "
+            f"data_dir='{data_dir}').download_and_prepare().")
+  command = prepare_command(name, data_dir)
+  if tfds_name in IMAGENET_RESIZED_ARCHIVES:
+    return (f"Prepare it with\n  {command}\nafter downloading the ImageNet archives "
+            f"{', '.join(IMAGENET_RESIZED_ARCHIVES[tfds_name])} by hand (an ImageNet account is needed: "
+            f"{IMAGENET_DOWNLOAD_PAGE}) into {manual_dir_of(data_dir)}/; the command prints these steps.")
+  return (f"Prepare it once, on a machine with internet access, with\n  {command}\n(where this machine has "
+          f"none, prepare it elsewhere and copy the folder {tfds_name.split('/')[0]} into this machine's data "
+          "directory, or prepare it once into a gs:// directory that every host reads).")
+
+
+def _missing_error(name: str | None, tfds_name: str, data_dir: str) -> ValueError:
   return ValueError(f"TFDS data set {tfds_name!r} is not prepared in the data directory {data_dir} "
                     "(searched: data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets). "
-                    + _how_to_prepare(tfds_name, data_dir))
+                    + _how_to_prepare(name, tfds_name, data_dir))
+
+
+def _source_name(tfds_name: str, data_config) -> str | None:
+  """The data.name that reads `tfds_name`: the config's own where it does, else the first registered one."""
+  if TFDS_NAMES.get(getattr(data_config, "name", None)) == tfds_name:
+    return data_config.name
+  return next((name for name, tfds in TFDS_NAMES.items() if tfds == tfds_name), None)
 
 
 def _to_rgb(images, source: str):
@@ -85,7 +121,7 @@ def read_split(tfds_name: str, split: str, data_config) -> tuple[np.ndarray, np.
     ds, info = tfds.load(tfds_name, split=split, data_dir=data_dir, download=False, with_info=True)
   except (AssertionError, FileNotFoundError) as e:  # what tfds raises when the prepared files are absent
     if not tfds.builder(tfds_name, data_dir=data_dir).is_prepared():
-      raise _missing_error(tfds_name, data_dir) from e
+      raise _missing_error(_source_name(tfds_name, data_config), tfds_name, data_dir) from e
     raise
   stored_shape = tuple(info.features["image"].shape)
   resize = stored_shape[:2] != (size, size)
@@ -138,18 +174,18 @@ def _labeled_source(name: str, tfds_name: str, mean, std, data_config, *,
 
 @register("cifar10", num_classes=10)
 def load_cifar10(data_config) -> ArrayDataset:
-  return _labeled_source("cifar10", "cifar10", CIFAR10_MEAN, CIFAR10_STD, data_config)
+  return _labeled_source("cifar10", TFDS_NAMES["cifar10"], CIFAR10_MEAN, CIFAR10_STD, data_config)
 
 
 @register("cifar100", num_classes=100)
 def load_cifar100(data_config) -> ArrayDataset:
-  return _labeled_source("cifar100", "cifar100", CIFAR100_MEAN, CIFAR100_STD, data_config)
+  return _labeled_source("cifar100", TFDS_NAMES["cifar100"], CIFAR100_MEAN, CIFAR100_STD, data_config)
 
 
 @register("svhn", num_classes=10)
 def load_svhn(data_config) -> ArrayDataset:
   # The core `train` split only (73,257 digits); the `extra` split is not part of the SVHN-LT benchmark.
-  return _labeled_source("svhn", "svhn_cropped", SVHN_MEAN, SVHN_STD, data_config)
+  return _labeled_source("svhn", TFDS_NAMES["svhn"], SVHN_MEAN, SVHN_STD, data_config)
 
 
 @register("stl10", num_classes=10)
@@ -157,7 +193,7 @@ def load_stl10(data_config) -> ArrayDataset:
   # The 5,000 labeled `train` images are the pool of the long-tailed labeled set; the 100,000 `unlabelled`
   # images (unknown class distribution) are the unlabeled set. Normalised with CIFAR-10's statistics, as in the
   # reference.
-  return _labeled_source("stl10", "stl10", CIFAR10_MEAN, CIFAR10_STD, data_config,
+  return _labeled_source("stl10", TFDS_NAMES["stl10"], CIFAR10_MEAN, CIFAR10_STD, data_config,
                          unlabeled_split="unlabelled")
 
 
@@ -194,7 +230,7 @@ def imagenet127_super_classes(path: pathlib.Path | str | None = None) -> dict[st
 def _imagenet127(size: int, data_config) -> ArrayDataset:
   import tensorflow_datasets as tfds
   super_of = imagenet127_super_classes()
-  tfds_name = f"imagenet_resized/{size}x{size}"
+  tfds_name = TFDS_NAMES[f"imagenet127_{size}"]
   train_images, train_raw = read_split(tfds_name, "train", data_config)
   test_images, test_raw = read_split(tfds_name, "validation", data_config)
   # The TFDS label order is that of the downsampled-ImageNet files, not the sorted WordNet ids: map by name.

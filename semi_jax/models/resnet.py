@@ -35,10 +35,11 @@ class ResidualBlock(nn.Module):
   bn_momentum: float
   dtype: Any
   cpu_fast_paths: bool
+  per_run: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
+    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum, self.per_run)
     out_channels = self.width * EXPANSION[self.block]
     if self.block == "bottleneck":
       layers = ((self.width, 1, 1), (self.width, 3, self.stride), (out_channels, 1, 1))
@@ -64,6 +65,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   cpu_fast_paths: bool = False  # semi_jax.cpu's layers instead of flax's (for runs on CPUs)
+  per_run: Any = None  # layers.PerRun: convolutions batched over a stacked program's runs one run at a time
 
   @property
   def feature_dim(self) -> int:
@@ -75,11 +77,11 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet block must be one of {BLOCKS}, got {self.block!r}.")
     if len(self.blocks) != len(STAGE_STRIDES) or min(self.blocks) < 1:
       raise ValueError(f"ResNet blocks must be {len(STAGE_STRIDES)} counts >= 1 (one per stage), got {self.blocks}.")
-    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
+    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum, self.per_run)
     x = x.astype(self.dtype)
     x = nn.relu(norm(train, "bn1")(conv(self.base_width, 3, 1, "conv1")(x)))
     for stage, (count, stride) in enumerate(zip(self.blocks, STAGE_STRIDES)):
       for i in range(count):
         x = ResidualBlock(self.base_width * 2 ** stage, stride if i == 0 else 1, self.block, self.bn_momentum,
-                          self.dtype, self.cpu_fast_paths, name=f"layer{stage + 1}_{i}")(x, train)
+                          self.dtype, self.cpu_fast_paths, self.per_run, name=f"layer{stage + 1}_{i}")(x, train)
     return pool_and_heads(x, self.num_classes)

@@ -31,10 +31,11 @@ class BasicBlock(nn.Module):
   leaky_slope: float
   dtype: Any
   cpu_fast_paths: bool
+  per_run: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
+    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum, self.per_run)
     bn = lambda name: norm(train, name)
     act = lambda y: nn.leaky_relu(y, self.leaky_slope)
     equal_in_out = x.shape[-1] == self.out_channels
@@ -63,6 +64,7 @@ class WideResNet(nn.Module):
   leaky_slope: float = 0.1
   dtype: Any = jnp.float32
   cpu_fast_paths: bool = False  # semi_jax.cpu's layers instead of flax's (for runs on CPUs)
+  per_run: Any = None  # layers.PerRun: convolutions batched over a stacked program's runs one run at a time
 
   @property
   def feature_dim(self) -> int:
@@ -74,14 +76,15 @@ class WideResNet(nn.Module):
       raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}.")
     n = (self.depth - 4) // 6
     channels = (16, 16 * self.width, 32 * self.width, 64 * self.width)
-    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum)
+    conv, norm = make_layers(self.cpu_fast_paths, self.dtype, self.bn_momentum, self.per_run)
     x = x.astype(self.dtype)
     x = conv(channels[0], 3, 1, "conv1")(x)
     for stage, (out_ch, stride) in enumerate(zip(channels[1:], (1, 2, 2))):
       for i in range(n):
         x = BasicBlock(out_ch, stride if i == 0 else 1, activate_before_residual=stage == 0,
                        dropout=self.dropout, bn_momentum=self.bn_momentum, leaky_slope=self.leaky_slope,
-                       dtype=self.dtype, cpu_fast_paths=self.cpu_fast_paths, name=f"block{stage + 1}_{i}")(x, train)
+                       dtype=self.dtype, cpu_fast_paths=self.cpu_fast_paths, per_run=self.per_run,
+                       name=f"block{stage + 1}_{i}")(x, train)
     x = norm(train, "bn1")(x)
     x = nn.leaky_relu(x, self.leaky_slope)
     return pool_and_heads(x, self.num_classes)

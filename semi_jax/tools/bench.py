@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semi_jax import config_files, cpu, datasets, files, memory_bank, sharding, startup, train
+from semi_jax import program as program_lib
 from semi_jax.cpu import malloc
 
 # (num_classes, bank size K, candidates N, feature dim D, feature dtype) of CIFAR-10, CIFAR-100 (WRN-28-2: D = 128)
@@ -112,9 +113,9 @@ def _class_prior(num_classes: int, imbalance: float = 100.0) -> np.ndarray:
   return (counts / counts.sum()).astype(np.float32)
 
 
-def build_program(config, mesh, num_classes: int = 10, model=None) -> train.Program:
-  """`train.build_program` with a synthetic long-tailed class prior and normalisation."""
-  return train.build_program(config, mesh, num_classes=num_classes, class_prior=_class_prior(num_classes),
+def build_program(config, mesh, num_classes: int = 10, model=None) -> program_lib.Program:
+  """`program_lib.build_program` with a synthetic long-tailed class prior and normalisation."""
+  return program_lib.build_program(config, mesh, num_classes=num_classes, class_prior=_class_prior(num_classes),
                              mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), model=model)
 
 
@@ -162,7 +163,7 @@ def profile_step(run_step, trace_dir: str, top: int = 12) -> dict:
 
 @dataclasses.dataclass
 class CompiledStep:
-  """A compiled train step as the training loop runs it (`train.Program.train_step`), with its inputs."""
+  """A compiled train step as the training loop runs it (`program.Program.train_step`), with its inputs."""
   compiled: Any
   lowered: Any
   compile_s: float
@@ -341,7 +342,7 @@ def time_training_loop(steps: int, warmup: int = 200) -> dict:
       for i in range(total + config.data.prefetch):
         if i in (warmup, total):
           marks[i] = (time.perf_counter(), time.thread_time())
-        yield pool[i % len(pool)]
+        yield [pool[i % len(pool)]]  # one input stream
 
     trainer.run(batches=batches())
     wall, thread = (b - a for a, b in zip(marks[warmup], marks[total]))
@@ -381,7 +382,7 @@ def environment(config=None) -> dict:
          "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_malloc": malloc.status}
   if config is not None:
-    fast, options = train.cpu_fast_paths(config, sharding.make_mesh(devices=devices[:1]))
+    fast, options = program_lib.cpu_fast_paths(config, sharding.make_mesh(devices=devices[:1]))
     env.update(cpu_fast_paths=fast, compiler_options=options)
   return env
 

@@ -65,19 +65,21 @@ def lower(config, mesh, platforms=DEFAULT_PLATFORMS) -> list[Lowered]:
   """Exports the train and eval step of `config` on `mesh` for `platforms`; each result lists its problems."""
   import jax
   import numpy as np
-  from semi_jax import datasets, sharding, train
+  from semi_jax import datasets, sharding
+  from semi_jax import program as program_lib
 
   num_classes = datasets.num_classes(config.data.name)
-  program = train.build_program(config, mesh, num_classes=num_classes,
-                                class_prior=np.full(num_classes, 1.0 / num_classes), mean=np.full(3, 0.5),
-                                std=np.full(3, 0.25), platforms=platforms)
+  program = program_lib.build_program(config, mesh, num_classes=num_classes,
+                                    class_prior=np.full(num_classes, 1.0 / num_classes), mean=np.full(3, 0.5),
+                                    std=np.full(3, 0.25), platforms=platforms)
   repl = sharding.replicated(mesh)
   state = _abstract(jax.eval_shape(program.init_state, jax.random.key(0)), repl)
   carry = _abstract(jax.eval_shape(program.init_carry), repl)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
-  batch = train.batch_spec(config, mesh, program.views_on_device)
+  batch = program_lib.batch_spec(config, mesh, program.views_on_device)
   jobs = (("train_step", program.train_step, (state, carry, batch, rng)),
-          ("eval_step", program.eval_step, (state.ema_params, state.batch_stats, train.eval_batch_spec(config, mesh))))
+          ("eval_step", program.eval_step, (state.ema_params, state.batch_stats,
+                                                 program_lib.eval_batch_spec(config, mesh), None)))
   results = []
   for name, fn, args in jobs:
     exported = jax.export.export(fn, platforms=tuple(platforms))(*args)

@@ -1,4 +1,4 @@
-"""Worker process of `semi_jax.bench_reference`: times iterations of the PyTorch reference (pywin/SeMi) on CPU or
+"""Worker process of `semi_jax.tools.bench_reference`: times iterations of the PyTorch reference (pywin/SeMi) on CPU or
 on a CUDA GPU.
 
 The driver runs this file as a script with an interpreter that has torch (it imports nothing from semi_jax and
