@@ -89,3 +89,18 @@ def test_the_command_checks_a_config_from_another_directory(tmp_path, setting, c
   assert r.returncode == code, r.stdout + r.stderr[-3000:]
   assert "train_step  bfloat16  tpu" in r.stdout and "2 devices" in r.stdout
   assert ("all programs lowered" in r.stdout) == (code == 0)
+
+
+@pytest.mark.parametrize("args, expected", [([], ("float32", "bfloat16")),
+                                            (["--config.model.dtype=bfloat16"], ("bfloat16",)),
+                                            (["--config.model.dtype=bfloat16", "--dtypes=float32"], ("float32",))])
+def test_the_dtype_override_chooses_what_is_lowered(args, expected):
+  """The documented `--config.model.dtype=bfloat16` lowers bfloat16 only, unless --dtypes says otherwise."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'test.py')}", *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flags.DEFINE_list("dtypes", [], "", flag_values=flag_values)
+  flag_values(argv)
+  assert export_check.dtypes_to_lower(flag_values) == expected

@@ -78,7 +78,7 @@ def test_a_log_line_cut_short_is_dropped_with_a_warning_and_the_run_resumes(tmp_
   done = str(tmp_path / "done")
   train.train_and_evaluate(config, done)
   cut = str(tmp_path / "cut")
-  train.train_and_evaluate(config, cut)
+  shutil.copytree(done, cut)
   # As if killed after the checkpoint of step 2, while the evaluation of step 3 was being appended.
   os.remove(os.path.join(cut, outputs.SUMMARY))
   shutil.rmtree(os.path.join(cut, "checkpoints", "3"))
@@ -158,6 +158,32 @@ def test_a_second_run_on_a_workdir_is_refused_and_touches_nothing(tmp_path):
 
 def _all_files(root):
   return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_a_failing_tensorboard_writer_is_one_warning_and_training_goes_on(tmp_path, caplog, monkeypatch):
+  """An error of clu's writer (its thread's error surfaces at the next call) is logged once, in one line; later
+  writes are dropped instead of raising."""
+  from clu import metric_writers
+
+  class Broken:
+    calls = 0
+
+    def write_scalars(self, step, scalars):
+      Broken.calls += 1
+      raise OSError(28, "No space left on device")
+
+    flush = close = lambda self: None
+
+  monkeypatch.setattr(metric_writers, "create_default_writer", lambda *a, **k: Broken())
+  caplog.set_level(logging.WARNING)
+  events = outputs.Events(str(tmp_path), True, "run")
+  events.write_scalars(1, {"a": 1.0})
+  events.write_scalars(2, {"a": 2.0})
+  events.flush()
+  events.close()
+  warnings = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+  assert Broken.calls == 1 and len(warnings) == 1, warnings
+  assert "No space left on device" in warnings[0] and str(tmp_path) in warnings[0] and "\n" not in warnings[0]
 
 
 # --- a sweep survives a bad run -------------------------------------------------------------------------------------

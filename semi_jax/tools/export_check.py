@@ -3,7 +3,8 @@
   python -m semi_jax.tools.export_check --config=configs/cifar10_lt.py[:args] [--config.a.b=v ...]
       [--platforms=tpu,cuda] [--devices=8] [--dtypes=float32,bfloat16]
 
-Give it the config and overrides of the run you plan (as to semi_jax.main).
+Give it the config and overrides of the run you plan (as to semi_jax.main). It lowers the dtypes of `--dtypes`;
+without it, the one of a `--config.model.dtype=` override, or else float32 and bfloat16.
 
 For every dtype, `jax.export` lowers the run's jitted functions exactly as `semi_jax.train` builds them (the
 guarded train step with its donated state and on-device metrics, and the eval step) for all the platforms at
@@ -124,6 +125,15 @@ def check(config, platforms=DEFAULT_PLATFORMS, devices: int = 8, dtypes=("float3
   return ok
 
 
+def dtypes_to_lower(flag_values) -> tuple:
+  """`--dtypes`; without it, the dtype of a `--config.model.dtype=` override, else float32 and bfloat16."""
+  from ml_collections import config_flags
+  if flag_values.dtypes:
+    return tuple(flag_values.dtypes)
+  overrides = config_flags.get_override_values(flag_values["config"])
+  return (overrides["model.dtype"],) if "model.dtype" in overrides else ("float32", "bfloat16")
+
+
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
@@ -131,7 +141,8 @@ def _define_flags():
                                   lock_config=True)
   flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for: tpu, cuda, rocm.")
   flags.DEFINE_integer("devices", 8, "Devices on the data axis.", lower_bound=1)
-  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Model compute dtypes to lower.")
+  flags.DEFINE_list("dtypes", [], "Model compute dtypes to lower (default: the --config.model.dtype override's, "
+                    "else float32 and bfloat16).")
   flags.mark_flags_as_required(["config"])
   return flags.FLAGS
 
@@ -144,7 +155,7 @@ def main(argv, flag_values) -> int:
   jax.config.update("jax_num_cpu_devices", flag_values.devices)  # before the CPU backend starts
   try:
     ok = check(flag_values.config, platforms=tuple(flag_values.platforms), devices=flag_values.devices,
-               dtypes=tuple(flag_values.dtypes))
+               dtypes=dtypes_to_lower(flag_values))
   except ValueError as e:
     sys.exit(f"semi_jax.tools.export_check: {e}")
   print("all programs lowered" if ok else "some programs failed the check (see above)")
