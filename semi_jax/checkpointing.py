@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from absl import logging
 
-from semi_jax import distributed
+from semi_jax import distributed, faults
 
 STATE = "state"
 FINGERPRINT = "fingerprint"
@@ -134,19 +134,11 @@ CONTENT_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "checksum", "Found incomplete ch
 MISMATCH_MARKERS = ("is not compatible with the stored shape", "tree structures do not match")
 
 
-def _chain(error: BaseException):
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    yield error
-    error = error.__cause__ or error.__context__
-
-
 def is_io_error(error: BaseException) -> bool:
   """Whether reading failed because of the storage (worth retrying; never a reason to quarantine) rather than
   the checkpoint's content. A missing file inside a checkpoint is content; OSErrors such as permission,
   connection and timeout errors, and storage status codes anywhere in the cause chain, are I/O."""
-  for e in _chain(error):
+  for e in faults.error_chain(error):
     if isinstance(e, (CheckpointContentError, CheckpointMismatchError)):
       return False
     if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
@@ -160,7 +152,7 @@ def classify(error: BaseException) -> int:
   """The outcome a read error stands for: IO, MISMATCH, CONTENT (positively identified damage) or UNKNOWN."""
   if is_io_error(error):
     return IO
-  for e in _chain(error):
+  for e in faults.error_chain(error):
     if isinstance(e, CheckpointMismatchError) or any(m in str(e) for m in MISMATCH_MARKERS):
       return MISMATCH
     if isinstance(e, (CheckpointContentError, FileNotFoundError, IsADirectoryError, NotADirectoryError,

@@ -24,7 +24,8 @@ _LIBRARY_PATHS = (os.sep + "orbax" + os.sep, os.sep + "clu" + os.sep, os.sep + "
 _log: list = []  # [path, file handler, terminal stream] of `capture`
 
 
-def _chain(error: BaseException):
+def error_chain(error: BaseException):
+  """`error` and its causes and contexts, each once."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -34,7 +35,7 @@ def _chain(error: BaseException):
 
 def _os_error(error: BaseException):
   """The first OSError with an errno in the cause chain (or a message that carries one), else None."""
-  for e in _chain(error):
+  for e in error_chain(error):
     if isinstance(e, OSError) and e.errno is not None:
       return e
     text = str(e)
