@@ -142,9 +142,18 @@ def _global(tree, sharding):
                       tree)
 
 
-def seed_streams(configs) -> list[int]:
-  """The distinct seeds of the runs, in order of first appearance (one input stream each)."""
-  return list(dict.fromkeys(int(c.seed) for c in configs))
+seed_streams = train.seed_streams
+
+
+def padded_configs(configs, runs: int) -> list:
+  """`configs` padded to `runs` runs with copies of the last (`padded_runs`)."""
+  return [configs[min(i, len(configs) - 1)] for i in range(runs)]
+
+
+def stream_indices(configs, runs: int) -> list[int]:
+  """The input stream (`seed_streams`) of each of the `runs` padded runs."""
+  seeds = seed_streams(configs)
+  return [seeds.index(int(c.seed)) for c in padded_configs(configs, runs)]
 
 
 def stack_inputs(configs, mesh: Mesh) -> tuple[dict, tuple[str, ...]]:
@@ -152,22 +161,21 @@ def stack_inputs(configs, mesh: Mesh) -> tuple[dict, tuple[str, ...]]:
   copies of the last: each run's step key as a run alone makes it (fold_in(key(seed), 1)), its stream, the
   fields in which the runs differ (`hyperparams.of_config`) and, per stream, the step key of its seed."""
   runs = padded_runs(len(configs), mesh)
-  padded = [configs[min(i, len(configs) - 1)] for i in range(runs)]
+  padded = padded_configs(configs, runs)
   varying = hyperparams.varying(list(configs))
   by_run = NamedSharding(mesh, P(RUN_AXIS))
   seeds = seed_streams(configs)
   step_key = lambda seeds: jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(np.asarray(seeds, np.int32))
   inputs = {"rng": jax.jit(lambda: step_key([c.seed for c in padded]), out_shardings=by_run)(),
             "hp": _global(hyperparams.stack([hyperparams.of_config(c, varying) for c in padded]), by_run),
-            "seed_index": _global(np.asarray([seeds.index(int(c.seed)) for c in padded], np.int32), by_run),
+            "seed_index": _global(np.asarray(stream_indices(configs, runs), np.int32), by_run),
             "stream_rng": jax.jit(lambda: step_key(seeds), out_shardings=sharding.replicated(mesh))()}
   return inputs, varying
 
 
 def init_keys(configs, mesh: Mesh):
   """Each padded run's init key as a run alone makes it: fold_in(key(seed), 0)."""
-  runs = padded_runs(len(configs), mesh)
-  seeds = np.asarray([configs[min(i, len(configs) - 1)].seed for i in range(runs)], np.int32)
+  seeds = np.asarray([c.seed for c in padded_configs(configs, padded_runs(len(configs), mesh))], np.int32)
   return jax.jit(lambda: jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(seeds),
                  out_shardings=NamedSharding(mesh, P(RUN_AXIS)))()
 
@@ -201,7 +209,7 @@ class GroupTrainer(train.Trainer):
     configs = [m.config for m in self.members]
     self.state = self.program.init_state(init_keys(configs, self.mesh))
     self.step_inputs, self.varying = stack_inputs(configs, self.mesh)
-    self.seed_index_host = [self.seeds.index(int(configs[min(i, len(configs) - 1)].seed)) for i in range(self.runs)]
+    self.seed_index_host = stream_indices(configs, self.runs)
 
   def _manifest(self) -> dict:
     return {"runs": [{"name": m.name, "workdir": m.workdir, "seed": int(m.config.seed)} for m in self.members]}

@@ -59,6 +59,12 @@ def local_blocks(mesh) -> int:
   return len(mine)
 
 
+def seed_streams(configs) -> list[int]:
+  """The distinct seeds of runs trained together, in order of first appearance: one input stream each (runs of
+  one seed see the same batches)."""
+  return list(dict.fromkeys(int(c.seed) for c in configs))
+
+
 @dataclasses.dataclass(frozen=True)
 class Member:
   """One run of a trainer: its config (seed included), its workdir and a name for messages."""
@@ -106,7 +112,7 @@ class Trainer:
         raise config_validation.ConfigError(
             f"data set {dataset.name} has {dataset.image_size}x{dataset.image_size} images but "
             f"data.image_size={config.data.image_size}; set data.image_size={dataset.image_size}.")
-      self.seeds = list(dict.fromkeys(int(m.config.seed) for m in members))  # one input stream each
+      self.seeds = seed_streams([m.config for m in members])
       self.stream_data = {s: input_pipeline.make_ssl_data(dataset, config.data, s) for s in self.seeds}
       self.data = self.stream_data[self.seeds[0]]  # a run alone's split
       priors = [d.class_prior for d in self.stream_data.values()]
