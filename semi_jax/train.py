@@ -266,9 +266,13 @@ class Trainer:
                                     checkpoint=self._last_checkpoint(),
                                     message=self._divergence_message(self.members[r], r, guard))
 
-  def _last_checkpoint(self) -> str | None:
+  def _last_checkpoint_step(self) -> int | None:
+    """The step of the newest checkpoint, once the saves in flight are written."""
     self.checkpointer.wait()
-    step = self.checkpointer.latest_step()
+    return self.checkpointer.latest_step()
+
+  def _last_checkpoint(self) -> str | None:
+    step = self._last_checkpoint_step()
     return None if step is None else self.checkpointer.path(step)
 
   def _divergence_message(self, m: Member, r: int, g: dict) -> str:
@@ -280,8 +284,7 @@ class Trainer:
                f"(the first at step {g['first_bad_step'][r]}: {terms})")
     else:
       cause = f"non-finite loss or gradients at step {g['diverged_step'][r]}: {terms}"
-    self.checkpointer.wait()
-    step = self.checkpointer.latest_step()
+    step = self._last_checkpoint_step()
     kept = (f"its last good checkpoint (step {step}) in {self.checkpointer.directory} is kept" if step is not None
             else "no checkpoint was written before it, so a rerun starts from step 0")
     rest = "; the other runs of the group go on" if self.stacked and len(self.members) > 1 else ""
