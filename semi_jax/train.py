@@ -301,14 +301,25 @@ class Trainer:
     of the loop)."""
     try:
       summaries = self._run(batches)
+    except BaseException:
+      self._finish_saves_in_flight()
+      raise
     finally:
-      self.leases.release()
+      self.leases.release()  # after the saves in flight: another run must not take a workdir still written
     if not self.stacked:
       summary = summaries[0]
       if summary.get("status") == outputs.DIVERGED:
         raise FloatingPointError(summary["message"])
       return summary
     return summaries
+
+  def _finish_saves_in_flight(self):
+    """A run that fails keeps the checkpoints it already started (they are complete, good states) and ends its
+    writer threads before the error is reported, so that nothing is logged after the error's line."""
+    try:
+      self.checkpointer.close()
+    except Exception as e:  # noqa: BLE001 - the error that stopped the run is the one to report
+      logging.warning("a checkpoint save in flight failed while the run stopped: %s", e)
 
   def _run(self, batches) -> list[dict]:
     config, t = self.config, self.config.train

@@ -8,6 +8,7 @@ python tests/fault_main.py KIND --config=... --workdir=...   where KIND is
   content      the newest checkpoint's content does not match its fingerprint, on this process only;
   enospc_save  the disk is full from the second checkpoint's save on (orbax's writes fail with ENOSPC);
   enospc_log   the disk fills while the second evaluation is appended to eval.jsonl: half the line is written;
+               checkpoint writes are slowed by a second, so that the previous save is still in flight;
   readonly     the workdir's file system is read-only (EROFS).
 Retries wait 0.2 s instead of seconds.
 """
@@ -76,6 +77,20 @@ if KIND == "enospc_log":
     return _real_append(path, line)
 
   files.append_line = _append_until_full
+
+  import time
+
+  from etils import epath
+
+  def _slow(write):
+    def wrapped(self, *args, **kwargs):
+      if "checkpoints" in str(self):
+        time.sleep(1.0)
+      return write(self, *args, **kwargs)
+    return wrapped
+
+  epath.Path.write_bytes = _slow(epath.Path.write_bytes)
+  epath.Path.write_text = _slow(epath.Path.write_text)
 
 if KIND == "readonly":
   from semi_jax import files

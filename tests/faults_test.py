@@ -301,6 +301,7 @@ def test_a_full_disk_while_logging_ends_in_one_line_and_the_rerun_resumes(tmp_pa
   flags = ["--config.train.total_steps=6", "--config.train.checkpoint_every_steps=2"]
   result = _run(workdir, *flags, fault="enospc_log")
   _one_line_error(result, "disk full", os.path.join(workdir, outputs.EVAL_LOG))
+  assert _checkpoints(workdir) == [2]  # the save in flight when the log failed was finished, not lost
   caplog.set_level(logging.WARNING)
   rerun = _run(workdir, *flags)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
