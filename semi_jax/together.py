@@ -74,7 +74,7 @@ def choose_axes(num_devices: int, num_runs: int, batch_size: int, run_axis_size:
     return num_devices % d == 0 and batch_size % d == 0 and (per_process % d == 0 or d % per_process == 0)
 
   def runs_per_device(d):
-    return -(-num_runs // (num_devices // d))
+    return _runs_per_slot(num_runs, num_devices // d)
 
   if run_axis_size != -1:
     if run_axis_size < 1 or num_devices % run_axis_size:
@@ -129,10 +129,15 @@ def data_slice(mesh: Mesh) -> tuple[int, int]:
   return mine[0] // len(mine), size // len(mine)
 
 
+def _runs_per_slot(num_runs: int, slots: int) -> int:
+  """The runs each of `slots` positions of the run axis holds when `num_runs` runs are spread over them."""
+  return -(-num_runs // slots)
+
+
 def padded_runs(num_runs: int, mesh: Mesh) -> int:
   """The run count padded to a multiple of the mesh's run axis (copies of the last run fill the rest)."""
   axis = mesh.shape[RUN_AXIS]
-  return -(-num_runs // axis) * axis
+  return _runs_per_slot(num_runs, axis) * axis
 
 
 def _global(tree, sharding):
@@ -300,7 +305,7 @@ def per_device_bytes(memory: dict, runs: int, mesh_shape: tuple[int, int]) -> fl
   """Estimated bytes per device of `runs` runs on a (run, data) mesh: each device holds the state of its runs,
   replicated over the data axis, and its share of their activations."""
   r, d = mesh_shape
-  per_device = -(-runs // r)
+  per_device = _runs_per_slot(runs, r)
   return per_device * (memory["state"] + memory["activations"] / d)
 
 
@@ -312,7 +317,7 @@ def describe_plan(groups: list[list[Member]], shapes: list[tuple[int, int]], mem
     varying = hyperparams.varying([m.config for m in members])
     seeds = seed_streams([m.config for m in members])
     lines.append(f"group {k}: {len(members)} runs, {len(seeds)} input stream(s) (seeds {seeds}), mesh run {r} x "
-                 f"data {d} ({-(-len(members) // r)} runs per device); traced per run: "
+                 f"data {d} ({_runs_per_slot(len(members), r)} runs per device); traced per run: "
                  f"{', '.join(varying) or 'nothing but the seed'}")
     if memory:
       m = memory[k]

@@ -195,13 +195,14 @@ def _take(tree, index):
   return jax.tree.map(lambda x: x[index], tree)
 
 
-def run_context(ctx: StepContext, hp: dict) -> StepContext:
+def run_context(ctx: StepContext, hp: dict, optimizer: bool = True) -> StepContext:
   """The step context of one run of a stacked program: the group's values (`ctx.hp`, any member's) with the
-  fields in which the runs differ replaced by this run's (traced) `hp`, and the optimiser made from them."""
+  fields in which the runs differ replaced by this run's (traced) `hp`, and (`optimizer`) the optimiser made
+  from them; without it, the context's optimiser is the group's, for code that computes only the loss."""
   if not hp:
     return ctx
   merged = {**ctx.hp, **hp}
-  return dataclasses.replace(ctx, hp=merged, tx=make_optimizer(ctx.config, merged))
+  return dataclasses.replace(ctx, hp=merged, tx=make_optimizer(ctx.config, merged) if optimizer else ctx.tx)
 
 
 def stacked_step(state: TrainState, carry, batch, inputs, ctx: StepContext, metrics_cls, isolate: bool):
@@ -229,7 +230,8 @@ def stacked_step(state: TrainState, carry, batch, inputs, ctx: StepContext, metr
                         state.params)
 
   def loss_one(params, state, hp, rng, stream, images, labels):
-    return loss_and_aux(params, state, images[stream], _take(labels, stream), rng, run_context(ctx, hp))
+    return loss_and_aux(params, state, images[stream], _take(labels, stream), rng,
+                        run_context(ctx, hp, optimizer=False))
 
   run_inputs = (state, inputs["hp"], inputs["rng"], inputs["seed_index"])
 
