@@ -49,12 +49,17 @@ def _check_divisible(value: int, field: str, parts: int, what: str) -> None:
          f"must be divisible by the {parts} {what} (global batch split evenly); choose a multiple of {parts}")
 
 
+def global_batches(config) -> dict[str, int]:
+  """The global batches of a train step (labeled, unlabeled) and of the evaluation, by the fields that set them."""
+  t = config.train
+  return {"train.batch_size": t.batch_size, "train.batch_size * train.mu": t.batch_size * t.mu,
+          "train.eval_batch_size": t.eval_batch_size}
+
+
 def check_batches_divide(config, parts: int, what: str) -> None:
   """Every global batch of `config` splits evenly into `parts` (devices or processes), else ConfigError."""
-  t = config.train
-  _check_divisible(t.batch_size, "train.batch_size", parts, what)
-  _check_divisible(t.batch_size * t.mu, "train.batch_size * train.mu", parts, what)
-  _check_divisible(t.eval_batch_size, "train.eval_batch_size", parts, what)
+  for field, value in global_batches(config).items():
+    _check_divisible(value, field, parts, what)
 
 
 def _check_model_fields(m) -> None:

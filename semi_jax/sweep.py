@@ -409,7 +409,8 @@ def plan_together(runs: Sequence[SweepRun], workdir: str, run_axis_size: int = -
   device_bytes = together.device_memory_bytes()
   shapes = [together.choose_axes(jax.device_count(), len(g), g[0].config.train.batch_size, run_axis_size,
                                  jax.local_device_count(), platform=platform,
-                                 run_bytes=m["state"] + m["activations"], device_bytes=device_bytes)
+                                 run_bytes=m["state"] + m["activations"], device_bytes=device_bytes,
+                                 batches=config_validation.global_batches(g[0].config))
             for g, m in zip(groups, memory)]
   return TogetherPlan(skipped, groups, members, shapes, memory, len(resumed))
 

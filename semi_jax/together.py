@@ -56,7 +56,7 @@ def _divisors(n: int) -> list[int]:
 
 def choose_axes(num_devices: int, num_runs: int, batch_size: int, run_axis_size: int = -1,
                 devices_per_process: int | None = None, platform: str = "cpu", run_bytes: float | None = None,
-                device_bytes: float | None = None) -> tuple[int, int]:
+                device_bytes: float | None = None, batches: dict[str, int] | None = None) -> tuple[int, int]:
   """(run axis size, data axis size) of a mesh over all `num_devices` for `num_runs` stacked runs.
 
   A given `run_axis_size` (> 0) must divide the devices. Automatic (-1): among the splits that fit in the
@@ -66,12 +66,15 @@ def choose_axes(num_devices: int, num_runs: int, batch_size: int, run_axis_size:
   smaller data axis (fewer collectives). On GPUs, where stacked WRN-28-2 runs measured slower per run than runs
   alone (docs/performance.md), the fewest runs per device come first. With several processes a data axis must
   divide a process's devices or be a multiple of them, so that every process feeds whole, equal slices of the
-  batch.
+  batch. `batches` (`config_validation.global_batches`; default: `batch_size` alone) must all split over the data
+  axis, the evaluation's included, so that an automatic choice is never refused later.
   """
   per_process = devices_per_process or num_devices
+  batches = batches or {"train.batch_size": batch_size}
 
   def valid(d):
-    return num_devices % d == 0 and batch_size % d == 0 and (per_process % d == 0 or d % per_process == 0)
+    return (num_devices % d == 0 and all(b % d == 0 for b in batches.values())
+            and (per_process % d == 0 or d % per_process == 0))
 
   def runs_per_device(d):
     return _runs_per_slot(num_runs, num_devices // d)
@@ -84,8 +87,9 @@ def choose_axes(num_devices: int, num_runs: int, batch_size: int, run_axis_size:
     d = num_devices // run_axis_size
     if not valid(d):
       raise config_validation.ConfigError(
-          f"run axis size {run_axis_size} leaves a data axis of {d} devices, which train.batch_size={batch_size} "
-          f"(or the processes' {per_process} devices each) cannot be split over; valid run axis sizes: "
+          f"run axis size {run_axis_size} leaves a data axis of {d} devices, which "
+          f"{', '.join(f'{k}={v}' for k, v in batches.items())} (or the processes' {per_process} devices each) "
+          "cannot all be split over; valid run axis sizes: "
           f"{[num_devices // k for k in _divisors(num_devices) if valid(k)]}.")
     return run_axis_size, d
   candidates = [d for d in _divisors(num_devices) if valid(d) and (d == 1 or batch_size // d >= MIN_DEVICE_BATCH)]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import test as test_config
 from semi_jax import config_validation, files, hyperparams, outputs, schedules, sharding, sweep, together, train
 
 SPEC = "tests/data/together_sweep.py"  # 3 decay variants on the test config, 20 steps, no activation kink
@@ -137,6 +138,20 @@ def test_choose_axes_refuses_a_split_that_does_not_fit():
     together.choose_axes(8, 4, 12, run_axis_size=1)  # a data axis of 8 cannot split a batch of 12
   with pytest.raises(config_validation.ConfigError, match="valid run axis sizes: \\[6, 2, 1\\]"):
     together.choose_axes(6, 4, 48, run_axis_size=3, devices_per_process=3)  # 2 devices would straddle processes
+
+
+def test_choose_axes_splits_every_global_batch_over_the_data_axis():
+  config = test_config.get_config()
+  config.train.batch_size, config.train.mu, config.train.eval_batch_size = 64, 7, 34
+  batches = config_validation.global_batches(config)
+  assert batches == {"train.batch_size": 64, "train.batch_size * train.mu": 448, "train.eval_batch_size": 34}
+  # 2 runs of 64 images take a data axis of 4 (test_choose_axes); an evaluation batch of 34 splits over 2 at most.
+  assert together.choose_axes(8, 2, 64, batches=batches) == (4, 2)
+  config_validation.validate(config, num_devices=2)  # what the group checks later passes
+  with pytest.raises(config_validation.ConfigError, match="train.eval_batch_size"):
+    config_validation.validate(config, num_devices=4)
+  with pytest.raises(config_validation.ConfigError, match=r"train.eval_batch_size=34 .*valid run axis sizes: \[8, 4\]"):
+    together.choose_axes(8, 2, 64, run_axis_size=2, batches=batches)
 
 
 def test_mesh_rows_and_data_slices():
