@@ -175,6 +175,11 @@ def parse_evals(path: str) -> EvalLog:
                  bad_lines=tuple(bad), size=len(data))
 
 
+def reported_head(record: dict) -> dict:
+  """The reported head's metrics of an evaluation record."""
+  return record[record["reported"]]
+
+
 def read_evals(path: str) -> list[dict]:
   """The records of an eval.jsonl, sorted by step; damaged lines are skipped with a warning (`parse_evals`)."""
   log = parse_evals(path)

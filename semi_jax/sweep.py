@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from semi_jax import config_files, config_validation, files
+from semi_jax import config_files, config_validation, files, schedules
 from semi_jax.outputs import CONFIG_FILE, DIVERGED, FINISHED, SUMMARY
 
 VARIANT_FILE = "sweep_variant.json"
@@ -109,6 +109,33 @@ def flatten_overrides(overrides: Mapping, variant: str = "") -> dict:
       raise ValueError(f"{where}override key {key!r} is not a dotted config path like 'bank.beta.value'.")
     visit(key, value)
   return flat
+
+
+def schedule_path(config: dict | None, key: str) -> str | None:
+  """The schedule a dotted override key belongs to ('bank.beta.value' -> 'bank.beta') in `config` (JSON data),
+  else None."""
+  node, parts = config, key.split(".")
+  for depth in range(len(parts) + 1):
+    if isinstance(node, dict) and set(node) == set(schedules.FIELD_TYPES):
+      return ".".join(parts[:depth])
+    if depth == len(parts) or not isinstance(node, dict) or parts[depth] not in node:
+      return None
+    node = node[parts[depth]]
+  return None
+
+
+def config_at(config: dict, path: str):
+  """The value of a dotted path in a configuration as JSON data (sweep_variant.json's "config")."""
+  for part in path.split("."):
+    config = config[part]
+  return config
+
+
+def swept_schedules(config: dict | None, overrides: Mapping) -> list[str]:
+  """The schedules a variant's overrides change (of `config`, its configuration as JSON data), in order of
+  appearance."""
+  paths = [schedule_path(config, key) for key in flatten_overrides(overrides)]
+  return list(dict.fromkeys(p for p in paths if p))
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping, variant: str = ""):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from configs import test as test_config
-from semi_jax import files, metrics, report, sweep
+from semi_jax import files, metrics, report, report_plots, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -153,7 +153,7 @@ def test_mean_curve_averages_the_seeds_that_reached_each_step(tmp_path):
   _write_run(d, "v", 0, [_record(2, 10.0), _record(4, 30.0)])
   _write_run(d, "v", 1, [_record(2, 20.0)], finished=False)
   group = report.group_by_variant(report.load_runs(d))["v"]
-  steps, mean, std = report.mean_curve(group, lambda r: r["balanced"]["balanced_acc"])
+  steps, mean, std = report_plots.mean_curve(group, lambda r: r["balanced"]["balanced_acc"])
   assert steps.tolist() == [2, 4]
   assert mean.tolist() == pytest.approx([15.0, 30.0])
   assert std.tolist() == pytest.approx([math.sqrt(50.0), 0.0])
@@ -177,8 +177,8 @@ def test_bank_curves_average_over_classes(tmp_path):
   record["bank_fill"], record["bank_confidence"] = [0.0, 1.0, 0.5], [0.3, 0.6, 0.9]
   _write_run(d, "v", 0, [record])
   group = report.group_by_variant(report.load_runs(d))["v"]
-  assert report.mean_curve(group, report._bank_mean("bank_fill"))[1].tolist() == pytest.approx([0.5])
-  assert report.mean_curve(group, report._bank_mean("bank_confidence"))[1].tolist() == pytest.approx([0.6])
+  assert report_plots.mean_curve(group, report_plots.bank_mean("bank_fill"))[1].tolist() == pytest.approx([0.5])
+  assert report_plots.mean_curve(group, report_plots.bank_mean("bank_confidence"))[1].tolist() == pytest.approx([0.6])
 
 
 def test_pending_variants_are_listed(two_variants):
@@ -190,11 +190,11 @@ def test_pending_variants_are_listed(two_variants):
 
 def test_schedule_path():
   config = test_config.get_config().to_dict()
-  assert report.schedule_path(config, "bank.beta.value") == "bank.beta"
-  assert report.schedule_path(config, "bank.beta") == "bank.beta"
-  assert report.schedule_path(config, "bank.enabled") is None
-  assert report.schedule_path(config, "bank.missing.value") is None
-  assert report.schedule_path(None, "bank.beta") is None
+  assert sweep.schedule_path(config, "bank.beta.value") == "bank.beta"
+  assert sweep.schedule_path(config, "bank.beta") == "bank.beta"
+  assert sweep.schedule_path(config, "bank.enabled") is None
+  assert sweep.schedule_path(config, "bank.missing.value") is None
+  assert sweep.schedule_path(None, "bank.beta") is None
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
