@@ -75,3 +75,10 @@ def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Turns this process's slice of a batch (numpy arrays) into global arrays sharded over `data`."""
   sharding = batch_sharded(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def from_host_values(tree, sharding: NamedSharding):
+  """Host values that every process holds in full as global arrays laid out by `sharding` (which may span
+  devices of other processes, where device_put cannot go)."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]),
+                      tree)

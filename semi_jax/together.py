@@ -144,13 +144,6 @@ def padded_runs(num_runs: int, mesh: Mesh) -> int:
   return _runs_per_slot(num_runs, axis) * axis
 
 
-def _global(tree, sharding):
-  """Host values that every process holds in full as global arrays laid out by `sharding` (which may span
-  devices of other processes, where device_put cannot go)."""
-  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]),
-                      tree)
-
-
 seed_streams = train.seed_streams
 
 
@@ -176,8 +169,9 @@ def stack_inputs(configs, mesh: Mesh) -> tuple[dict, tuple[str, ...]]:
   seeds = seed_streams(configs)
   step_key = lambda seeds: jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(np.asarray(seeds, np.int32))
   inputs = {"rng": jax.jit(lambda: step_key([c.seed for c in padded]), out_shardings=by_run)(),
-            "hp": _global(hyperparams.stack([hyperparams.of_config(c, varying) for c in padded]), by_run),
-            "seed_index": _global(np.asarray(stream_indices(configs, runs), np.int32), by_run),
+            "hp": sharding.from_host_values(hyperparams.stack([hyperparams.of_config(c, varying) for c in padded]),
+                                            by_run),
+            "seed_index": sharding.from_host_values(np.asarray(stream_indices(configs, runs), np.int32), by_run),
             "stream_rng": jax.jit(lambda: step_key(seeds), out_shardings=sharding.replicated(mesh))()}
   return inputs, varying
 
@@ -256,7 +250,7 @@ class GroupTrainer(train.Trainer):
     return out
 
   def eval_index(self, index):
-    return _global(np.asarray(index, np.int32), NamedSharding(self.mesh, P(RUN_AXIS)))
+    return sharding.from_host_values(np.asarray(index, np.int32), NamedSharding(self.mesh, P(RUN_AXIS)))
 
   def stream_index(self) -> list[int]:
     return self.seed_index_host

@@ -190,7 +190,7 @@ class _Analysed:
 def test_flops_come_from_the_lowered_program_else_from_the_compiled_one():
   # XLA:CPU analyses the lowered program (its compiled one hides convolutions in oneDNN calls); jax 0.11's GPU
   # backend gave no analysis of the lowered program, so the compiled one's is the fallback.
-  assert bench._flops(_Analysed({"flops": 5.0}), _Analysed({"flops": 7.0})) == 5.0
-  assert bench._flops(_Analysed(None), _Analysed([{"flops": 7.0}])) == 7.0
-  assert bench._flops(_Analysed({}), _Analysed({"flops": 0.0})) is None
-  assert bench._flops(_Analysed([]), None) is None
+  assert bench.compiled_flops(_Analysed({"flops": 5.0}), _Analysed({"flops": 7.0})) == 5.0
+  assert bench.compiled_flops(_Analysed(None), _Analysed([{"flops": 7.0}])) == 7.0
+  assert bench.compiled_flops(_Analysed({}), _Analysed({"flops": 0.0})) is None
+  assert bench.compiled_flops(_Analysed([]), None) is None

@@ -229,7 +229,7 @@ def wrn_programs():
   config = cifar10_lt.get_config()
   config.cpu_fast_paths = "off"
   mesh = together.make_mesh(1, 1, jax.devices()[:1])
-  prior, mean, std = bench._class_prior(10), np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  prior, mean, std = bench.long_tail_prior(10), np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
   batch = bench.synthetic_batch(np.random.default_rng(0), config, 10)
   batch = {k: jax.ShapeDtypeStruct((1,) + v.shape, v.dtype) for k, v in batch.items()}
   texts = {}

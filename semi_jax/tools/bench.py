@@ -75,11 +75,11 @@ def bench_config(algo: str, quick: bool, dtype: str = "float32", cpu_fast_paths:
   return config
 
 
-def _median_ms(seconds: list[float]) -> float:
+def median_ms(seconds: list[float]) -> float:
   return 1000.0 * statistics.median(seconds)
 
 
-def _flops(lowered, compiled=None) -> float | None:
+def compiled_flops(lowered, compiled=None) -> float | None:
   """FLOPs of one call according to XLA's cost model of the program as written, else of `compiled` (None where
   the backend gives neither). The lowered program first: XLA:CPU hands convolutions to oneDNN as custom calls,
   which its cost model of the compiled program does not count. jax 0.11's GPU backend gave no analysis of the
@@ -93,7 +93,7 @@ def _flops(lowered, compiled=None) -> float | None:
   return None
 
 
-def _memory(compiled) -> dict:
+def compiled_memory(compiled) -> dict:
   """Device memory of a compiled program in MB (None where the backend reports none): arguments (the donated state
   and the batch), outputs, the part of the outputs aliased to arguments, temporaries, and their sum less the
   aliases, the program's peak."""
@@ -107,7 +107,7 @@ def _memory(compiled) -> dict:
   return out
 
 
-def _class_prior(num_classes: int, imbalance: float = 100.0) -> np.ndarray:
+def long_tail_prior(num_classes: int, imbalance: float = 100.0) -> np.ndarray:
   """Exponentially long-tailed class frequencies (head / tail = imbalance), summing to 1."""
   counts = imbalance ** (-np.arange(num_classes) / max(num_classes - 1, 1))
   return (counts / counts.sum()).astype(np.float32)
@@ -115,7 +115,7 @@ def _class_prior(num_classes: int, imbalance: float = 100.0) -> np.ndarray:
 
 def build_program(config, mesh, num_classes: int = 10, model=None) -> program_lib.Program:
   """`program_lib.build_program` with a synthetic long-tailed class prior and normalisation."""
-  return program_lib.build_program(config, mesh, num_classes=num_classes, class_prior=_class_prior(num_classes),
+  return program_lib.build_program(config, mesh, num_classes=num_classes, class_prior=long_tail_prior(num_classes),
                              mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32), model=model)
 
 
@@ -222,24 +222,24 @@ def time_train_step(config, steps: int, num_classes: int = 10, mesh=None, profil
     raise FloatingPointError(f"train step of algo={config.ssl.algo} gave a non-finite loss {loss}.")
   t = config.train
   images = t.batch_size * (1 + 3 * t.mu)
-  ms = _median_ms(times)
-  flops = _flops(step.lowered, step.compiled)
+  ms = median_ms(times)
+  flops = compiled_flops(step.lowered, step.compiled)
   return {"algo": config.ssl.algo, "views_on_device": step.views_on_device, "compile_s": step.compile_s,
           "median_ms": ms, "min_ms": 1000.0 * min(times),
-          "cpu_ms": _median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
+          "cpu_ms": median_ms(cpu_times), "images_per_step": images, "images_per_s": images / (ms / 1000.0),
           "steps": len(times),
           "gflop_per_step": None if flops is None else flops / 1e9,
           "gflop_per_s": None if flops is None else flops / 1e9 / (ms / 1000.0), "profile": profile,
-          "memory": _memory(step.compiled)}
+          "memory": compiled_memory(step.compiled)}
 
 
 def train_step_cost(config, num_classes: int = 10) -> dict:
   """FLOPs and device memory of the compiled train step of `config`, without running it."""
   step = compiled_train_step(config, num_classes)
-  flops = _flops(step.lowered, step.compiled)
+  flops = compiled_flops(step.lowered, step.compiled)
   t = config.train
   return {"algo": config.ssl.algo, "compile_s": step.compile_s, "images_per_step": t.batch_size * (1 + 3 * t.mu),
-          "gflop_per_step": None if flops is None else flops / 1e9, "memory": _memory(step.compiled)}
+          "gflop_per_step": None if flops is None else flops / 1e9, "memory": compiled_memory(step.compiled)}
 
 
 def _random_candidates(rng: np.random.Generator, n: int, num_classes: int, dim: int) -> tuple:
@@ -272,8 +272,8 @@ def time_bank_update(num_classes: int, size: int, candidates: int, dim: int, dty
       bank = jax.block_until_ready(fn(bank, *offers[i % len(offers)]))
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
-    result[name] = _median_ms(times)
-    result[name.replace("_ms", "_cpu_ms")] = _median_ms(cpu_times)
+    result[name] = median_ms(times)
+    result[name.replace("_ms", "_cpu_ms")] = median_ms(cpu_times)
   return result
 
 
@@ -297,9 +297,9 @@ def time_eval_step(config, calls: int, num_classes: int = 10) -> dict:
     jax.block_until_ready(compiled(state.ema_params, state.batch_stats, batch))
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
-  ms = _median_ms(times)
+  ms = median_ms(times)
   return {"batch": n, "compile_s": compile_s, "median_ms": ms, "min_ms": 1000.0 * min(times),
-          "cpu_ms": _median_ms(cpu_times), "images_per_s": n / (ms / 1000.0)}
+          "cpu_ms": median_ms(cpu_times), "images_per_s": n / (ms / 1000.0)}
 
 
 class TrivialModel(nn.Module):
@@ -356,7 +356,7 @@ def time_training_loop(steps: int, warmup: int = 200) -> dict:
       step_alone.append(time.perf_counter() - start)
   return {"steps": steps, "devices": trainer.mesh.devices.size, "ms_per_step": 1000.0 * wall / steps,
           "steps_per_s": steps / wall, "loop_thread_cpu_ms_per_step": 1000.0 * thread / steps,
-          "synchronous_step_ms": _median_ms(step_alone)}
+          "synchronous_step_ms": median_ms(step_alone)}
 
 
 def time_input_pipeline(size: int, batch: int, seconds: float) -> dict:

@@ -140,8 +140,8 @@ def time_augmentation(config, steps: int) -> dict:
     if i >= bench.WARMUP_STEPS:
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
-  ms = bench._median_ms(times)
-  return {"augment_ms": ms, "augment_cpu_ms": bench._median_ms(cpu_times),
+  ms = bench.median_ms(times)
+  return {"augment_ms": ms, "augment_cpu_ms": bench.median_ms(cpu_times),
           "device_source_images_per_s": (b + u) / (ms / 1000.0)}
 
 

@@ -57,13 +57,13 @@ def time_stacked(spec: str, runs: int, seeds: int, steps: int, conv: str = "auto
   mesh = together.make_mesh(r_axis, d_axis)
   padded = together.padded_runs(runs, mesh)
   program = program_lib.build_program(config, mesh, runs=padded, num_classes=num_classes,
-                                      class_prior=bench._class_prior(num_classes), mean=np.full(3, 0.5, np.float32),
+                                      class_prior=bench.long_tail_prior(num_classes), mean=np.full(3, 0.5, np.float32),
                                       std=np.full(3, 0.25, np.float32))
   inputs, varying = together.stack_inputs(configs, mesh)
   state = program.init_state(together.init_keys(configs, mesh))
   past_warmup = config.train.steps_per_epoch * (config.ssl.est_epoch + 1)  # every SeMi term live
-  state = state.replace(step=together._global(np.full((padded,), past_warmup, np.int32),
-                                              NamedSharding(mesh, P(together.RUN_AXIS))))
+  state = state.replace(step=sharding.from_host_values(np.full((padded,), past_warmup, np.int32),
+                                                       NamedSharding(mesh, P(together.RUN_AXIS))))
   carry = program.init_carry()
   rng = np.random.default_rng(0)
   spec_batch = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
@@ -88,8 +88,8 @@ def time_stacked(spec: str, runs: int, seeds: int, steps: int, conv: str = "auto
   if not np.all(np.isfinite(loss)):
     raise FloatingPointError(f"{runs} stacked runs of {spec} ({program.conv}) gave a non-finite loss {loss}.")
   ms = 1000.0 * float(np.median(times))
-  memory = bench._memory(compiled)
-  flops = bench._flops(lowered, compiled)
+  memory = bench.compiled_memory(compiled)
+  flops = bench.compiled_flops(lowered, compiled)
   return {"runs": runs, "padded_runs": padded, "seeds": seeds, "mesh": {"run": r_axis, "data": d_axis},
           "conv": program.conv, "overlap": bool(program_lib.overlap_options(overlap, {d.platform for d in
                                                                                      jax.devices()})),
