@@ -144,17 +144,14 @@ def padded_runs(num_runs: int, mesh: Mesh) -> int:
   return _runs_per_slot(num_runs, axis) * axis
 
 
-seed_streams = train.seed_streams
-
-
 def padded_configs(configs, runs: int) -> list:
   """`configs` padded to `runs` runs with copies of the last (`padded_runs`)."""
   return [configs[min(i, len(configs) - 1)] for i in range(runs)]
 
 
 def stream_indices(configs, runs: int) -> list[int]:
-  """The input stream (`seed_streams`) of each of the `runs` padded runs."""
-  seeds = seed_streams(configs)
+  """The input stream (`train.seed_streams`) of each of the `runs` padded runs."""
+  seeds = train.seed_streams(configs)
   return [seeds.index(int(c.seed)) for c in padded_configs(configs, runs)]
 
 
@@ -166,7 +163,7 @@ def stack_inputs(configs, mesh: Mesh) -> tuple[dict, tuple[str, ...]]:
   padded = padded_configs(configs, runs)
   varying = hyperparams.varying(list(configs))
   by_run = NamedSharding(mesh, P(RUN_AXIS))
-  seeds = seed_streams(configs)
+  seeds = train.seed_streams(configs)
   step_key = lambda seeds: jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(np.asarray(seeds, np.int32))
   inputs = {"rng": jax.jit(lambda: step_key([c.seed for c in padded]), out_shardings=by_run)(),
             "hp": sharding.from_host_values(hyperparams.stack([hyperparams.of_config(c, varying) for c in padded]),
@@ -313,7 +310,7 @@ def describe_plan(groups: list[list[Member]], shapes: list[tuple[int, int]], mem
   lines = []
   for k, (members, (r, d)) in enumerate(zip(groups, shapes)):
     varying = hyperparams.varying([m.config for m in members])
-    seeds = seed_streams([m.config for m in members])
+    seeds = train.seed_streams([m.config for m in members])
     lines.append(f"group {k}: {len(members)} runs, {len(seeds)} input stream(s) (seeds {seeds}), mesh run {r} x "
                  f"data {d} ({_runs_per_slot(len(members), r)} runs per device); traced per run: "
                  f"{', '.join(varying) or 'nothing but the seed'}")

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar10_lt
 from configs import test as test_config
-from semi_jax import algorithms, datasets, hyperparams, input_pipeline, sharding, together
+from semi_jax import algorithms, datasets, hyperparams, input_pipeline, sharding, together, train
 from semi_jax import program as program_lib
 from semi_jax import train_step as steps
 from semi_jax.run_axis import RUN_AXIS
@@ -79,7 +79,7 @@ def _streams(configs, blocks: int):
   """Per seed, the first STEPS train batches laid out for `blocks` data-axis devices."""
   dataset = datasets.load(configs[0].data)
   out = {}
-  for seed in together.seed_streams(configs):
+  for seed in train.seed_streams(configs):
     data = input_pipeline.make_ssl_data(dataset, configs[0].data, seed)
     ds = input_pipeline.train_dataset(data, configs[0], blocks=blocks)
     out[seed] = [b for _, b in zip(range(STEPS), input_pipeline.as_numpy(ds))]
@@ -122,7 +122,7 @@ def _stacked(configs, mesh, conv="auto"):
   streams, dataset = _streams(configs, mesh.shape[sharding.DATA_AXIS])
   program, inputs, state = _stacked_program(configs, mesh, dataset, conv)
   carry = program.init_carry()
-  seeds = together.seed_streams(configs)
+  seeds = train.seed_streams(configs)
   for step in range(STEPS):
     state, carry = program.train_step(state, carry, _put(streams, seeds, step, mesh), inputs)
   return jax.device_get(state), program
@@ -180,7 +180,7 @@ def test_the_summed_loss_gradient_equals_vmap_of_grad(runs, alone):
   mesh = together.make_mesh(1, 1, jax.devices()[:1])
   streams, dataset = _streams(runs, 1)
   _, inputs, state, step = _vmap_of_grad(runs, mesh, dataset)
-  seeds = together.seed_streams(runs)
+  seeds = train.seed_streams(runs)
   for i in range(STEPS):
     state = step(state, _put(streams, seeds, i, mesh), inputs)
   state = jax.device_get(state)
@@ -280,7 +280,7 @@ def test_a_diverging_run_is_frozen_and_the_others_train_as_without_it(conv):
   configs[1].seed = 0
   mesh = together.make_mesh(1, 1, jax.devices()[:1])
   streams, dataset = _streams(configs, 1)
-  seeds = together.seed_streams(configs)
+  seeds = train.seed_streams(configs)
   program, inputs, state = _stacked_program(configs, mesh, dataset, conv)
   carry, history = program.init_carry(), []
   for step in range(STEPS):
