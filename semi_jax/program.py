@@ -63,22 +63,32 @@ def overlap_options(setting: str, platforms) -> dict:
   return dict(GPU_OVERLAP_OPTIONS) if on and platform == "gpu" else {}
 
 
-def batch_spec(config, mesh, views_on_device: bool = False) -> dict:
+def _sharded_spec(mesh, streams: int | None):
+  """(shape, dtype) -> an abstract batch array split over `data`; with `streams`, a stacked program's batch of one
+  array per input stream on a leading (unsplit) stream axis."""
+  if streams is None:
+    return lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(mesh))
+  stacked = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
+  return lambda shape, dtype: jax.ShapeDtypeStruct((streams,) + shape, dtype, sharding=stacked)
+
+
+def batch_spec(config, mesh, views_on_device: bool = False, streams: int | None = None) -> dict:
   """The abstract global train batch of `config` on `mesh`, with its sharding (see `train_step`); with
-  `views_on_device` (`Program.views_on_device`), the source batch the step makes the views from."""
+  `views_on_device` (`Program.views_on_device`), the source batch the step makes the views from; with `streams`,
+  that of a stacked program (`train_step.stacked_step`)."""
   t, s = config.train, config.data.image_size
   b, u = t.batch_size, t.batch_size * t.mu
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(mesh))
+  spec = _sharded_spec(mesh, streams)
   labels = {"y": spec((b,), jnp.int32), "u_label": spec((u,), jnp.int32), "u_index": spec((u,), jnp.int32)}
   if views_on_device:
     return {"images": spec((b + u, s, s, 3), jnp.uint8), "positions": spec((b + u,), jnp.int32), **labels}
   return {"images": spec((b + 3 * u, s, s, 3), jnp.uint8), **labels}
 
 
-def eval_batch_spec(config, mesh) -> dict:
-  """The abstract global eval batch of `config` on `mesh`, with its sharding."""
+def eval_batch_spec(config, mesh, streams: int | None = None) -> dict:
+  """The abstract global eval batch of `config` on `mesh`, with its sharding (with `streams`: see `batch_spec`)."""
   n, s = config.train.eval_batch_size, config.data.image_size
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(mesh))
+  spec = _sharded_spec(mesh, streams)
   return {"image": spec((n, s, s, 3), jnp.uint8), "label": spec((n,), jnp.int32), "mask": spec((n,), jnp.bool_)}
 
 
