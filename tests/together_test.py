@@ -77,6 +77,22 @@ def test_stacked_runs_equal_the_same_runs_trained_alone(stacked, tmp_path):
     assert summaries[r]["step"] == 20
 
 
+def test_no_host_transfer_inside_the_stacked_step(stacked):
+  """The stacked step (guard, per-run inputs and metrics included) runs under transfer_guard('disallow') on the
+  4 x 2 mesh: the per-run inputs stay on the devices between steps."""
+  _, trainer, _ = stacked
+  program = trainer.program
+  batches = [trainer.put(b) for _, b in zip(range(2), trainer.train_batches(0))]
+  state = jax.tree.map(lambda x: x.copy(), trainer.state)  # the step donates its state; the fixture keeps its own
+  carry = program.init_carry()
+  state, carry = program.train_step(state, carry, batches[0], trainer.step_inputs)  # compile outside the guard
+  with jax.transfer_guard("disallow"):
+    for b in batches:
+      state, carry = program.train_step(state, carry, b, trainer.step_inputs)
+  counts = jax.device_get(carry["metrics"]).loss.count
+  assert counts.shape == (8,) and np.all(counts == 3), counts
+
+
 def test_each_run_writes_its_own_outputs(stacked):
   runs, _, summaries = stacked
   for run, summary in zip(runs, summaries):
@@ -256,14 +272,18 @@ def together_main(spec, workdir, flags, dry=False):
   return lines
 
 
-def test_two_processes_train_the_group_as_one_process_does(tmp_path, stacked):
+# run axis 4 (data 2): each process holds whole rows, its own runs, which evaluation gathers from both processes;
+# run axis 1 (data 8): every run's batch is split over both processes, each feeding its half of every batch.
+@pytest.mark.parametrize("run_axis_size", [4, 1])
+def test_two_processes_train_the_group_as_one_process_does(tmp_path, stacked, run_axis_size):
   import processes
   runs, _, _ = stacked
   workdir = str(tmp_path / "two")
-  flags = ["--together", "--run_axis_size=4"]
+  flags = ["--together", f"--run_axis_size={run_axis_size}"]
   job = processes.Job(workdir, tmp_path, flags, processes=2, local_devices=4, module="semi_jax.sweep",
                       config=SPEC, name="two")
   assert job.wait(400) == [0, 0], job.describe()
+  assert f"mesh run {run_axis_size} x data {8 // run_axis_size}" in job.output(0), job.describe()
   for run in runs:
     mine = os.path.join(workdir, run.variant, f"seed_{run.seed}")
     for a, b in zip(_evals(run.workdir), _evals(mine), strict=True):
