@@ -1,12 +1,17 @@
 """The device mesh and how arrays are laid out on it.
 
 A 1-D data-parallel mesh: batches are split over the `data` axis, everything else (parameters, optimiser
-state, memory bank) is replicated. `jax.jit` inserts the collectives (pjit style); no pmap.
+state, memory bank) is replicated. `jax.jit` inserts the collectives (pjit style); no pmap. Its devices keep their
+order: an all-reduce over every device does not depend on it. Meshes whose data axis is a subgroup of the devices
+(runs trained together, semi_jax.together) are laid out by the interconnect (`device_grid`).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -45,6 +50,66 @@ def mesh_devices(devices: list, size: int) -> list:
         f"one of {valid}.")
   keep = {id(d) for ds in by_process.values() for d in ds[:per_process]}
   return [d for d in devices if id(d) in keep]
+
+
+def data_positions(grid: np.ndarray) -> dict[int, list[int]]:
+  """{process index: the positions on the data axis (the grid's last) that its devices hold}."""
+  positions = {}
+  for index, device in np.ndenumerate(grid):
+    positions.setdefault(device.process_index, set()).add(index[-1])
+  return {p: sorted(held) for p, held in positions.items()}
+
+
+def aligned(held: list[int], size: int) -> bool:
+  """Whether data-axis positions `held` (sorted) are one aligned range of an equal split of `size` positions: a
+  process holding them feeds one whole slice of every batch."""
+  return (bool(held) and held == list(range(held[0], held[0] + len(held))) and size % len(held) == 0
+          and held[0] % len(held) == 0)
+
+
+def _over_slices(shape: tuple[int, ...], slices: int) -> tuple[int, ...]:
+  """How many slices each mesh axis spans, the leading (least communicating) axes taking them first (for equal
+  slices, whose count divides the devices, the axes always take them all)."""
+  spans, rest = [], slices
+  for size in shape:
+    spans.append(math.gcd(size, rest))
+    rest //= spans[-1]
+  return tuple(spans)
+
+
+def device_grid(devices: list, shape: tuple[int, ...]) -> np.ndarray:
+  """`devices` laid out as a mesh of `shape`, whose axes are ordered by increasing communication (the data axis,
+  with its all-reduces of gradients and BatchNorm statistics, last).
+
+  On TPUs and GPUs, jax's topology-aware layout (`mesh_utils`): a data-axis group gets neighbouring chips on the
+  interconnect, and across several slices (TPU multi-slice, NVLink domains: `slice_index`) the leading axes span
+  the slices' slower network (DCN) first, so that a data axis that fits in a slice never crosses it. The devices'
+  own order (rows of consecutive devices) is kept on CPUs, where the library cannot lay the devices out (a part of
+  a slice), and where its layout would leave some process without one aligned, equal range of data-axis positions
+  (each process feeds whole slices of every batch: `together.data_slice`).
+  """
+  from jax.experimental import mesh_utils
+  devices = list(devices)
+  plain = np.asarray(devices, dtype=object).reshape(shape)
+  if devices[0].platform == "cpu":
+    return plain
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  try:
+    if slices > 1:
+      spans = _over_slices(shape, slices)
+      grid = mesh_utils.create_hybrid_device_mesh([n // k for n, k in zip(shape, spans)], spans, devices)
+    else:
+      grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    logging.info("A %s mesh keeps the devices' order: no topology-aware layout (%s).", shape, e)
+    return plain
+  grid = np.asarray(grid, dtype=object).reshape(shape)
+  held = data_positions(grid)
+  if len({len(h) for h in held.values()}) > 1 or not all(aligned(h, shape[-1]) for h in held.values()):
+    logging.info("A %s mesh keeps the devices' order: the topology-aware layout splits a process's data-axis "
+                 "positions (%s).", shape, held)
+    return plain
+  return grid
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -111,23 +111,25 @@ def choose_axes(num_devices: int, num_runs: int, batch_size: int, run_axis_size:
 
 
 def make_mesh(run_axis_size: int, data_axis_size: int, devices=None) -> Mesh:
-  """A (run, data) mesh over `devices` (default: all), rows of `data_axis_size` consecutive devices (a process's
-  devices are consecutive, so a row never straddles processes when the data axis fits in one)."""
+  """A (run, data) mesh over `devices` (default: all), laid out by the interconnect (`sharding.device_grid`: a
+  data row gets neighbouring chips, the run axis spans slices first); on CPUs, rows of `data_axis_size`
+  consecutive devices (a process's devices are consecutive, so a row never straddles processes when the data axis
+  fits in one)."""
   devices = list(jax.devices() if devices is None else devices)
   if run_axis_size * data_axis_size != len(devices):
     raise ValueError(f"a {run_axis_size} x {data_axis_size} mesh needs {run_axis_size * data_axis_size} devices, "
                      f"got {len(devices)}.")
-  grid = np.asarray(devices, dtype=object).reshape(run_axis_size, data_axis_size)
+  grid = sharding.device_grid(devices, (run_axis_size, data_axis_size))
   return Mesh(grid, (RUN_AXIS, sharding.DATA_AXIS), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def data_slice(mesh: Mesh) -> tuple[int, int]:
   """(index, count): this process feeds the index-th of `count` equal slices of every batch along the data axis
   (the positions of its devices on that axis; processes on the same positions feed the same slice)."""
-  axis = mesh.axis_names.index(sharding.DATA_AXIS)
-  mine = sorted({idx[axis] for idx, d in np.ndenumerate(mesh.devices) if d.process_index == jax.process_index()})
-  size = mesh.devices.shape[axis]
-  if not mine or mine != list(range(mine[0], mine[0] + len(mine))) or size % len(mine) or mine[0] % len(mine):
+  grid = np.moveaxis(mesh.devices, mesh.axis_names.index(sharding.DATA_AXIS), -1)
+  mine = sharding.data_positions(grid).get(jax.process_index(), [])
+  size = grid.shape[-1]
+  if not sharding.aligned(mine, size):
     raise ValueError(f"process {jax.process_index()} holds data-axis positions {mine} of {size}: every process "
                      "must hold an aligned, equal range of them (see choose_axes).")
   return mine[0] // len(mine), size // len(mine)
