@@ -409,6 +409,15 @@ def test_accelerator_installs_use_the_pinned_jax():
   assert seen
 
 
+def test_every_pinned_package_is_named_in_the_readme():
+  """The README's Dependencies section names every package requirements.txt pins (and says why it is there)."""
+  pinned = re.findall(r"^([A-Za-z0-9_.-]+)==", read("requirements.txt"), re.M)
+  section = read("README.md").split("## Dependencies", 1)[1].split("\n## ", 1)[0]
+  assert len(pinned) >= 15
+  missing = [name for name in pinned if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", section)]
+  assert not missing, missing
+
+
 def test_every_config_field_is_documented():
   table = read("docs/config.md")
   missing = [f for f in leaf_fields(default_config()) if f"| `{f}` |" not in table]
