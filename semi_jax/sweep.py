@@ -434,10 +434,9 @@ def plan_together(runs: Sequence[SweepRun], workdir: str, run_axis_size: int = -
   platform = program.platform_family({d.platform for d in jax.devices()})
   memory = [together.run_memory(g[0].config) for g in groups]
   device_bytes = together.device_memory_bytes()
-  shapes = [together.choose_axes(jax.device_count(), len(g), g[0].config.train.batch_size, run_axis_size,
-                                 jax.local_device_count(), platform=platform,
-                                 run_bytes=m["state"] + m["activations"], device_bytes=device_bytes,
-                                 batches=config_validation.global_batches(g[0].config))
+  shapes = [together.axes_for(g[0].config, jax.device_count(), len(g), run_axis_size=run_axis_size,
+                              devices_per_process=jax.local_device_count(), platform=platform,
+                              run_bytes=m["state"] + m["activations"], device_bytes=device_bytes)
             for g, m in zip(groups, memory)]
   return TogetherPlan(skipped, groups, members, shapes, memory, len(resumed))
 

@@ -110,6 +110,13 @@ def choose_axes(num_devices: int, num_runs: int, batch_size: int, run_axis_size:
   return num_devices // d, d
 
 
+def axes_for(config, num_devices: int, num_runs: int, **kwargs) -> tuple[int, int]:
+  """`choose_axes` for `num_runs` runs of `config`: its labeled batch sets the work per device, and every global
+  batch of it (`config_validation.global_batches`) must split over the data axis."""
+  return choose_axes(num_devices, num_runs, config.train.batch_size,
+                     batches=config_validation.global_batches(config), **kwargs)
+
+
 def make_mesh(run_axis_size: int, data_axis_size: int, devices=None) -> Mesh:
   """A (run, data) mesh over `devices` (default: all), laid out by the interconnect (`sharding.device_grid`: a
   data row gets neighbouring chips, the run axis spans slices first); on CPUs, rows of `data_axis_size`

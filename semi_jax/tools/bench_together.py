@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from semi_jax import config_files, config_validation, datasets, files, sharding, together
+from semi_jax import config_files, datasets, files, sharding, together
 from semi_jax import program as program_lib
 from semi_jax.tools import bench
 
@@ -51,9 +51,8 @@ def time_stacked(spec: str, runs: int, seeds: int, steps: int, conv: str = "auto
   configs = _configs(spec, runs, seeds, conv, overlap, dtype)
   config = configs[0]
   num_classes = datasets.num_classes(config.data.name)
-  r_axis, d_axis = together.choose_axes(jax.device_count(), runs, config.train.batch_size,
-                                        platform=program_lib.platform_family({d.platform for d in jax.devices()}),
-                                        batches=config_validation.global_batches(config))
+  r_axis, d_axis = together.axes_for(config, jax.device_count(), runs,
+                                     platform=program_lib.platform_family({d.platform for d in jax.devices()}))
   mesh = together.make_mesh(r_axis, d_axis)
   padded = together.padded_runs(runs, mesh)
   program = program_lib.build_program(config, mesh, runs=padded, num_classes=num_classes,

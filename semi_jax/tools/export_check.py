@@ -166,10 +166,8 @@ def lower(config, mesh, platforms, runs: int | None = None) -> list[Lowered]:
 
 def stacked_mesh(config, devices: list, runs: int, platform: str):
   """The (run, data) mesh a sweep of `runs` runs of `config` gets on `devices` of `platform` (`choose_axes`)."""
-  from semi_jax import config_validation, program, together
-  r, d = together.choose_axes(len(devices), runs, config.train.batch_size,
-                              platform=program.platform_family({platform}),
-                              batches=config_validation.global_batches(config))
+  from semi_jax import program, together
+  r, d = together.axes_for(config, len(devices), runs, platform=program.platform_family({platform}))
   return together.make_mesh(r, d, devices)
 
 
@@ -192,10 +190,10 @@ def check(config, platforms=DEFAULT_PLATFORMS, devices: int = 8, dtypes=("float3
     config_validation.validate(config, num_devices=devices, num_processes=1)
     for platform in platforms:
       jobs = [(None, mesh, "alone")]
-      for conv in (convs if runs else ()):
+      if runs:  # one mesh for every convolution batching: the split depends on the batches, not on the batching
         stacked = stacked_mesh(config, pool, runs, platform)
-        jobs.append((conv, stacked, f"{runs} runs on run {stacked.shape[together.RUN_AXIS]} x data "
-                                    f"{stacked.shape[sharding.DATA_AXIS]}"))
+        what = f"{runs} runs on run {stacked.shape[together.RUN_AXIS]} x data {stacked.shape[sharding.DATA_AXIS]}"
+        jobs += [(conv, stacked, what) for conv in convs]
       for conv, job_mesh, what in jobs:
         if conv is not None:
           config.together.conv = conv
